@@ -55,6 +55,7 @@ class DenoiserLookahead:
 
     denoiser: Denoiser
     kind = "denoiser"
+    flow_map_of_base = False  # D is only the 1-step Euler flow map: weights need the advective form
 
     def __call__(self, x, t, denoised=None, nfe=None):
         if denoised is not None:
@@ -80,6 +81,7 @@ class ODELookahead:
     checkpoint: bool = False
     reuse_denoised: bool = True
     kind = "ode"
+    flow_map_of_base = True  # the base model's own ODE, up to solver error
 
     def __post_init__(self):
         _check_steps(f"{self.kind} look-ahead steps", self.steps)
@@ -121,6 +123,7 @@ class CompanionLookahead(ODELookahead):
 
     reuse_denoised: bool = False
     kind = "companion"
+    flow_map_of_base = False  # another model's ODE: not the base flow map, so advective weights
 
 
 @dataclass
@@ -131,6 +134,7 @@ class FlowMapLookahead:
     jumps: int = 1
     checkpoint: bool = False
     kind = "flow_map"
+    flow_map_of_base = True  # trained to match the base model's flow map
 
     def __post_init__(self):
         _check_steps("flow-map jumps", self.jumps)

@@ -43,6 +43,9 @@ class FMTTConfig:
           mode's weights are then approximate; meant for search or for taming rewards with spikes.
     search_steps: number of top-k selections in search mode, spread over the first 3/4 of the grid.
     top_k: particles kept at each selection (default N // 4, at least 1).
+    weights: "eulerian" (dA = lambda' r dt, exact for a true flow-map look-ahead, free), "advective"
+          (dA = (d_t + b.grad) r_t dt, exact for any look-ahead, one more look-ahead forward a step),
+          "auto" (eulerian for flow-map / base-ODE look-aheads, advective for denoiser / companion).
     seed: seeds the sampler's own generator (SDE noise, resampling); no global RNG is touched.
     """
 
@@ -56,6 +59,7 @@ class FMTTConfig:
     grad_clip: float | None = None
     search_steps: int = 3
     top_k: int | None = None
+    weights: str = "auto"
     seed: int = 0
 
     def validate(self, particles: int) -> None:
@@ -73,6 +77,8 @@ class FMTTConfig:
             raise FMTTInputError(f"chunk_size must be >= 1 (or None for all particles), got {self.chunk_size}.")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise FMTTInputError(f"grad_clip must be > 0 or None, got {self.grad_clip}.")
+        if self.weights not in ("auto", "eulerian", "advective"):
+            raise FMTTInputError(f"weights must be 'auto', 'eulerian' or 'advective', got {self.weights!r}.")
         if self.mode == "search":
             if self.search_steps < 1:
                 raise FMTTInputError(f"search mode needs search_steps >= 1, got {self.search_steps}.")
@@ -201,7 +207,7 @@ class ParticleLoop:
             ds.append(d.detach())
             rs.append(torch.where(ok, r.detach(), -math.inf))
             gs.append(self._clip(g))
-        r = torch.cat(rs).to(torch.float64) if look else None
+        r = torch.cat(rs).to(torch.float64).cpu() if look else None
         if r is not None:
             r = torch.nan_to_num(r, nan=-math.inf, posinf=-math.inf)
         return torch.cat(ds), r, (torch.cat(gs) if gs else None)
@@ -212,13 +218,27 @@ class ParticleLoop:
         norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
         return g * _bcast((self.grad_clip / norm).clamp(max=1.0), g)
 
+    def score_batched(self, x1: torch.Tensor) -> torch.Tensor:
+        """r(decode(x1)) in chunks, without gradient -> float64 [N] on the CPU."""
+        size = self.chunk_size or x1.shape[0]
+        with torch.no_grad():
+            return torch.cat([self.score(xc).double() for xc in x1.split(size)]).cpu()
+
+    def lookahead_reward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """r(X_{t,1}(x)) in chunks, without gradient -> float64 [N] on the CPU."""
+        size = self.chunk_size or x.shape[0]
+        out = []
+        with torch.no_grad():
+            for xc in x.split(size):
+                tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
+                out.append(self.score(self.lookahead(xc, tc, nfe=self.nfe)).double())
+        return torch.cat(out).cpu()
+
     def final_rewards(self, x: torch.Tensor) -> torch.Tensor:
         if self.reward is None:
             return torch.full((x.shape[0],), math.nan, dtype=torch.float64)
-        size = self.chunk_size or x.shape[0]
-        with torch.no_grad():
-            r = torch.cat([self.score(xc).double() for xc in x.split(size)])
-        return torch.where(torch.isfinite(r), r, math.nan).cpu()
+        r = self.score_batched(x)
+        return torch.where(torch.isfinite(r), r, math.nan)
 
 
 def sde_step(x, denoised, t: float, t_next: float, eta: float, noise: torch.Tensor, tilt_force=None):
@@ -231,10 +251,11 @@ def sde_step(x, denoised, t: float, t_next: float, eta: float, noise: torch.Tens
         return denoised
     h, eps = t_next - t, noise_level(t, eta)
     drift = velocity_from_denoiser(x, denoised, t)
-    if eps > 0:
-        drift = drift + eps * score_from_denoiser(x, denoised, t)
-        if tilt_force is not None:
-            drift = drift + eps * tilt_force
+    if eps == 0:
+        return x + h * drift
+    drift = drift + eps * score_from_denoiser(x, denoised, t)
+    if tilt_force is not None:
+        drift = drift + eps * tilt_force
     return x + h * drift + math.sqrt(2 * eps * h) * noise
 
 
@@ -264,6 +285,12 @@ def _search_schedule(steps: int, selections: int) -> set[int]:
     return {max(0, round(span * (j + 1) / (selections + 1))) for j in range(selections)}
 
 
+def _weighted_mean(w: torch.Tensor, v: torch.Tensor) -> float:
+    """Weighted mean over the particles where v is finite."""
+    ok = torch.isfinite(v)
+    return float((w[ok] * v[ok]).sum() / w[ok].sum().clamp_min(1e-300))
+
+
 def _warn_invalid(r: torch.Tensor, t: float) -> int:
     valid = int(torch.isfinite(r).sum())
     if valid == 0:
@@ -274,6 +301,84 @@ def _warn_invalid(r: torch.Tensor, t: float) -> int:
         warnings.warn(f"FMTT: {r.numel() - valid} of {r.numel()} particles had a non-finite reward or "
                       f"gradient at t={t:.3f}; they get weight zero.", RuntimeWarning, stacklevel=3)
     return valid
+
+
+class EulerianWeights:
+    """dA = lambda'_t r(X_{t,1}(X_t)) dt: exact when the look-ahead is the base model's flow map
+    (the Eulerian identity removes every other term). Trapezoid rule: r at t_k closes the previous
+    interval and opens this one; r(x1) closes the last (the look-ahead at t = 1 is the identity)."""
+
+    def __init__(self, lam, beta):
+        self.lam, self.beta, self.dlam_prev = lam, beta, 0.0
+
+    def step(self, k, r, x, d, loop):
+        dlam = float(self.lam[k + 1] - self.lam[k])
+        inc = 0.5 * (self.dlam_prev + dlam) * self.beta * r
+        self.dlam_prev = dlam
+        return inc
+
+    def reindex(self, idx):
+        pass
+
+    def final(self, r1):
+        return 0.5 * self.dlam_prev * self.beta * r1
+
+
+class AdvectiveWeights:
+    """dA = (d_t + b_t . grad) r_t(X_t) dt: exact for ANY look-ahead, discretised along the ODE step,
+    r_{t+h}(x + h b) - r_t(x). Costs one more look-ahead + reward forward per step; for a true flow
+    map it reduces to EulerianWeights, for a denoiser it carries the correction the flow map avoids."""
+
+    def __init__(self, lam, beta, times):
+        self.lam, self.beta, self.times = lam, beta, times
+
+    def step(self, k, r, x, d, loop):
+        t, t_next = float(self.times[k]), float(self.times[k + 1])
+        x_ode = sde_step(x, d, t, t_next, 0.0, None)
+        r_next = loop.score_batched(x_ode) if t_next >= 1 else loop.lookahead_reward(x_ode, t_next)
+        r_next = torch.nan_to_num(r_next, nan=-math.inf, posinf=-math.inf)
+        return self.beta * (float(self.lam[k + 1]) * r_next - float(self.lam[k]) * r)
+
+    def reindex(self, idx):
+        pass
+
+    def final(self, r1):
+        return torch.zeros_like(r1)
+
+
+class TelescopingWeights:
+    """Zero-order mode (untilted SDE): potentials exp(lambda_k r_k - lambda_{k-1} r_{k-1}) multiply
+    to exp(r(x1)) along every path, so the reweighted base process is exact (FK steering with
+    look-ahead potentials). The Eulerian shortcut does not apply without the gradient drift."""
+
+    def __init__(self, lam, beta, n):
+        self.lam, self.beta = lam, beta
+        self.potential = torch.zeros(n, dtype=torch.float64)  # lambda_k r_k of each particle's path
+
+    def step(self, k, r, x, d, loop):
+        new = float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+        inc = self.beta * (float(self.lam[k]) * r - self.potential)
+        self.potential = new
+        return inc
+
+    def reindex(self, idx):
+        self.potential = self.potential[idx]
+
+    def final(self, r1):
+        return self.beta * (r1 - self.potential)
+
+
+def _weights_for(cfg, lookahead, lam, times, n):
+    if cfg.mode == "zero_order":
+        return TelescopingWeights(lam, cfg.reward_scale, n)
+    if cfg.mode == "search":
+        return None
+    kind = cfg.weights
+    if kind == "auto":
+        kind = "eulerian" if getattr(lookahead, "flow_map_of_base", False) else "advective"
+    if kind == "eulerian":
+        return EulerianWeights(lam, cfg.reward_scale)
+    return AdvectiveWeights(lam, cfg.reward_scale, times)
 
 
 def fmtt_sample(denoiser: Denoiser, x_init: torch.Tensor, times, *, reward: RewardFn, lookahead=None,
@@ -294,68 +399,52 @@ def fmtt_sample(denoiser: Denoiser, x_init: torch.Tensor, times, *, reward: Rewa
     gen = torch.Generator().manual_seed(int(cfg.seed))
     lam = tilt_values(cfg.tilt, times)
     beta = float(cfg.reward_scale)
-    weighted = cfg.mode != "search"
+    weights = _weights_for(cfg, lookahead, lam, times, n)
     selections = _search_schedule(len(times) - 1, cfg.search_steps) if cfg.mode == "search" else set()
     top_k = cfg.top_k or max(1, n // 4)
 
     x, log_w = x_init, torch.zeros(n, dtype=torch.float64)
-    trace, thermo, dlam_prev = [], 0.0, 0.0
-    potential = torch.zeros(n, dtype=torch.float64)  # zero_order: lambda_k r_k of each particle's last step
+    trace, thermo = [], 0.0
     for k in range(len(times) - 1):
         t, t_next = float(times[k]), float(times[k + 1])
-        eps = noise_level(t, cfg.eta)
-        use_grad = cfg.mode != "zero_order" and eps > 0 and t_next < 1 and beta > 0
-        # grad of r_t = lambda_t * beta * r(X_{t,1}(x)); r itself is returned unscaled.
+        use_grad = cfg.mode != "zero_order" and noise_level(t, cfg.eta) > 0 and t_next < 1 and beta > 0
+        # g = grad of r_t = lambda_t * beta * r(X_{t,1}(x)); r itself comes back unscaled.
         d, r, g = loop.evaluate(x, t, look=True, grad_scale=float(lam[k]) * beta if use_grad else 0.0)
         valid = _warn_invalid(r, t)
-        r_safe = torch.where(torch.isfinite(r), r, 0.0)
+        ok = torch.isfinite(r)
 
         w = torch.exp(normalize_log_weights(log_w))
-        ok = torch.isfinite(r)
-        mean = float((w[ok] * r[ok]).sum() / w[ok].sum()) if w[ok].sum() > 0 else float(r[ok].mean())
-        dlam = float(lam[k + 1] - lam[k])
-        # Thermodynamic length of the intermediate-target path: sum sqrt(Var_w[beta r]) dlambda.
-        thermo += beta * math.sqrt(max(float((w[ok] * (r[ok] - mean) ** 2).sum() / w[ok].sum()), 0.0)) * dlam
-        r_masked = torch.where(ok, r_safe, -math.inf)
-        if cfg.mode == "exact":
-            # A = int lambda' r(X_{t,1}(X_t)) dt by the trapezoid rule: r at t_k closes the previous
-            # interval and opens this one; r(x1) closes the last (the look-ahead at t=1 is the identity).
-            log_w = log_w + 0.5 * (dlam_prev + dlam) * beta * r_masked
-            dlam_prev = dlam
-        elif cfg.mode == "zero_order":
-            # Without the gradient drift the Eulerian shortcut no longer applies; the telescoping
-            # potentials exp(lambda_k r_k - lambda_{k-1} r_{k-1}) multiply to exp(r(x1)) on every path,
-            # so the untilted SDE reweighted by them is exact (FK steering with flow-map potentials).
-            log_w = log_w + beta * (float(lam[k]) * r_masked - potential)
-            potential = float(lam[k]) * r_safe
-        step_ess = ess(log_w) if weighted else float(n)
-
-        resampled = False
-        if weighted and t_next < 1 and step_ess < cfg.ess_threshold * n:
-            idx = resample_indices(log_w, cfg.resampling, gen).to(x.device)
-            resampled, log_w = True, torch.zeros(n, dtype=torch.float64)
-        elif k in selections:
-            idx = _select_top_k(torch.where(ok, r, -math.inf), min(top_k, valid), n).to(x.device)
-            resampled = True
+        mean = _weighted_mean(w, r)
+        if weights is not None:
+            increment = weights.step(k, r, x, d, loop)
+            log_w = torch.nan_to_num(log_w + increment, nan=-math.inf)
         else:
-            idx = None
-        if idx is not None:
-            x, d, potential = x[idx], d[idx], potential[idx.cpu()]
-            g = g[idx] if g is not None else None
-        trace.append(StepTrace(t, step_ess, resampled, mean, float(r[ok].max()), valid))
+            increment = beta * float(lam[k + 1] - lam[k]) * r
+        # Thermodynamic length of the path of intermediate targets, sum_k sqrt(Var_w[dA_k]); with a
+        # flow-map look-ahead dA_k = beta r dlambda_k (the paper's estimate).
+        thermo += math.sqrt(max(_weighted_mean(w, (increment - _weighted_mean(w, increment)) ** 2), 0.0))
+        step_ess = ess(log_w) if weights is not None else float(n)
 
-        force = g if g is not None else None
-        x = sde_step(x, d, t, t_next, cfg.eta, _noise(x, gen), force)
+        idx = None
+        if weights is not None and t_next < 1 and step_ess < cfg.ess_threshold * n:
+            idx = resample_indices(log_w, cfg.resampling, gen)
+            log_w = torch.zeros(n, dtype=torch.float64)
+            weights.reindex(idx)
+        elif k in selections:
+            idx = _select_top_k(torch.where(ok, r, -math.inf), min(top_k, valid), n)
+        if idx is not None:
+            x, d = x[idx.to(x.device)], d[idx.to(x.device)]
+            g = g[idx.to(x.device)] if g is not None else None
+        trace.append(StepTrace(t, step_ess, idx is not None, mean, float(r[ok].max()), valid))
+
+        x = sde_step(x, d, t, t_next, cfg.eta, _noise(x, gen), g)
         if callback is not None:
             callback({"step": k, "steps": len(times) - 1, "t": t, "x": x, "denoised": d,
-                      "ess": step_ess, "resampled": resampled, "nfe": loop.nfe})
+                      "ess": step_ess, "resampled": idx is not None, "nfe": loop.nfe})
 
     final_r = loop.final_rewards(x)
-    final_r_masked = torch.nan_to_num(final_r, nan=-math.inf)
-    if cfg.mode == "exact":
-        log_w = normalize_log_weights(log_w + 0.5 * dlam_prev * beta * final_r_masked)
-    elif cfg.mode == "zero_order":
-        log_w = normalize_log_weights(log_w + beta * (final_r_masked - potential))
+    if weights is not None:
+        log_w = normalize_log_weights(log_w + weights.final(torch.nan_to_num(final_r, nan=-math.inf)))
     else:
         log_w = torch.full((n,), -math.log(n), dtype=torch.float64)
     return FMTTResult(x, log_w, final_r, trace, loop.nfe, f"fmtt-{cfg.mode}[{lookahead}]", thermo)
