@@ -200,7 +200,10 @@ class ParticleLoop:
                 r = self.score(self.lookahead(xg, tc, denoised=d, nfe=self.nfe))
                 ok = torch.isfinite(r)
                 self.nfe.add("backward", xc.shape[0])
-                (g,) = torch.autograd.grad(torch.where(ok, r, 0).sum() * grad_scale, xg)
+                objective = torch.where(ok, r, 0).sum() * grad_scale
+                # A reward that ignores its input (constant) has no graph: its gradient is zero.
+                g = (torch.autograd.grad(objective, xg)[0] if objective.requires_grad
+                     else torch.zeros_like(xg))
             g = g.detach()
             ok &= torch.isfinite(g.flatten(1)).all(1)
             g = torch.where(ok.reshape(-1, *([1] * (g.ndim - 1))), g, 0)
