@@ -56,6 +56,7 @@ class DenoiserLookahead:
     denoiser: Denoiser
     kind = "denoiser"
     flow_map_of_base = False  # D is only the 1-step Euler flow map: weights need the advective form
+    uses_denoised = True
 
     def __call__(self, x, t, denoised=None, nfe=None):
         if denoised is not None:
@@ -82,6 +83,10 @@ class ODELookahead:
     reuse_denoised: bool = True
     kind = "ode"
     flow_map_of_base = True  # the base model's own ODE, up to solver error
+
+    @property
+    def uses_denoised(self) -> bool:
+        return self.reuse_denoised
 
     def __post_init__(self):
         _check_steps(f"{self.kind} look-ahead steps", self.steps)
@@ -135,6 +140,7 @@ class FlowMapLookahead:
     checkpoint: bool = False
     kind = "flow_map"
     flow_map_of_base = True  # trained to match the base model's flow map
+    uses_denoised = False
 
     def __post_init__(self):
         _check_steps("flow-map jumps", self.jumps)

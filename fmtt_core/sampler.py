@@ -196,7 +196,10 @@ class ParticleLoop:
                 continue
             with torch.enable_grad():
                 xg = xc.detach().requires_grad_(True)
-                d = self.denoise(xg, tc)
+                # Keep D's graph only when the look-ahead builds on it (denoiser, base ODE); for a
+                # flow map or companion it would hold a whole model's activations for nothing.
+                with torch.set_grad_enabled(self.lookahead.uses_denoised):
+                    d = self.denoise(xg, tc)
                 r = self.score(self.lookahead(xg, tc, denoised=d, nfe=self.nfe))
                 ok = torch.isfinite(r)
                 self.nfe.add("backward", xc.shape[0])
