@@ -1,0 +1,186 @@
+"""The samplers the demo compares, run through fmtt_core at a matched network-pass budget.
+
+Budget unit, a "network pass": one forward of the denoiser or of the flow map for one particle counts 1,
+one backward through one of them counts 2 (the usual cost of a backward pass). Reward-model passes are
+counted separately and not charged: the reward here is a small MLP, as cheap as a pass. Per particle and
+step that makes
+
+    base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
+    denoiser guidance                       3      (denoiser + backward through it)
+    FMTT, flow-map look-ahead (J jumps)     1 + 3J (denoiser + J flow-map jumps + backward through them)
+    FMTT, denoiser look-ahead               4      (denoiser + backward + one more look-ahead for its
+                                                    advective weights)
+
+and each method gets the particle count that spends what FMTT-exact with the flow map spends
+(`matched_particles`). The table reports the passes each method actually made, from fmtt_core's counter.
+
+Every run hands on `n_out` samples, and its metrics are expectations over them: samplers that carry
+weights (FMTT exact and zero-order, FK steering) hand on draws from their final weights; selection
+methods (best-of-N, FMTT search) hand on their top n_out by final reward; base sampling and guidance
+hand on i.i.d. particles.
+
+FK steering runs with "diff" potentials (the variant whose weights target exp(beta r(x1)), like FMTT
+exact); "fk_max", the running-max potential (one of the FK paper's choices), is there for the bench.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fmtt_core import (DenoiserLookahead, FlowMapLookahead, FMTTConfig, FMTTResult, base_sample, best_of_n,
+                       fk_steering, fmtt_sample, guidance_sample)
+
+
+@dataclass
+class Setup:
+    """What every method shares: models, reward, tilt strength and sampler settings."""
+
+    models: object                  # fmtt_demo.models.DigitModels
+    reward: Callable
+    reward_scale: float = 1.0
+    eta: float = 1.0
+    jumps: int = 1                  # flow-map jumps per look-ahead
+    ess_threshold: float = 0.5
+    chunk_size: int | None = None
+
+    @property
+    def denoiser(self):
+        return self.models.denoiser
+
+    def flow_map_lookahead(self):
+        return FlowMapLookahead(self.models.flow_map, jumps=self.jumps)
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    hands_on: str                               # "weights" | "top" | "iid"
+    passes_per_step: Callable[[Setup], int]     # network passes per particle-step (see the module doc)
+    backward_depth: Callable[[Setup], int]      # networks one backward pass goes through
+    run: Callable[..., FMTTResult] = field(repr=False)
+
+
+def _fmtt(mode: str, flow_map: bool):
+    def run(setup: Setup, x_init, times, seed, callback=None):
+        lookahead = setup.flow_map_lookahead() if flow_map else DenoiserLookahead(setup.denoiser)
+        config = FMTTConfig(mode=mode, reward_scale=setup.reward_scale, eta=setup.eta,
+                            ess_threshold=setup.ess_threshold, chunk_size=setup.chunk_size, seed=seed)
+        return fmtt_sample(setup.denoiser, x_init, times, reward=setup.reward, lookahead=lookahead,
+                           config=config, callback=callback)
+    return run
+
+
+def _base(setup, x_init, times, seed, callback=None):
+    return base_sample(setup.denoiser, x_init, times, reward=setup.reward, eta=setup.eta, seed=seed,
+                       chunk_size=setup.chunk_size, callback=callback)
+
+
+def _best_of_n(setup, x_init, times, seed, callback=None):
+    return best_of_n(setup.denoiser, x_init, times, reward=setup.reward, eta=setup.eta, seed=seed,
+                     chunk_size=setup.chunk_size, callback=callback)
+
+
+def _guidance(setup, x_init, times, seed, callback=None):
+    return guidance_sample(setup.denoiser, x_init, times, reward=setup.reward, guidance_scale=setup.reward_scale,
+                           eta=setup.eta, seed=seed, chunk_size=setup.chunk_size, callback=callback)
+
+
+def _fk(potential: str):
+    def run(setup, x_init, times, seed, callback=None):
+        return fk_steering(setup.denoiser, x_init, times, reward=setup.reward, reward_scale=setup.reward_scale,
+                           potential=potential, eta=setup.eta, ess_threshold=setup.ess_threshold, seed=seed,
+                           chunk_size=setup.chunk_size, callback=callback)
+    return run
+
+
+_one = lambda s: 1  # noqa: E731
+_zero = lambda s: 0  # noqa: E731
+_jumps = lambda s: s.jumps  # noqa: E731
+
+METHODS = {m.key: m for m in [
+    Method("base", "base sampling", "iid", _one, _zero, _base),
+    Method("best_of_n", "best-of-N", "top", _one, _zero, _best_of_n),
+    Method("guidance", "denoiser guidance", "iid", lambda s: 3, _one, _guidance),
+    # "diff" potentials telescope to exp(beta r(x1)): FK then targets the same tilted law as FMTT exact.
+    Method("fk", "FK steering, diff", "weights", _one, _zero, _fk("diff")),
+    Method("fk_max", "FK steering, max", "weights", _one, _zero, _fk("max")),
+    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 3 * s.jumps, _jumps, _fmtt("exact", True)),
+    Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, _jumps, _fmtt("search", True)),
+    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 4, _one, _fmtt("exact", False)),
+    Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, _zero,
+           _fmtt("zero_order", True)),
+]}
+DEFAULT_METHODS = ("base", "best_of_n", "guidance", "fk", "fmtt_exact", "fmtt_search", "fmtt_denoiser")
+REFERENCE = "fmtt_exact"
+
+
+def matched_particles(method: Method, setup: Setup, particles: int, reference: str = REFERENCE) -> int:
+    """Particles for `method` that spend what `reference` spends with `particles` particles."""
+    budget = METHODS[reference].passes_per_step(setup) * particles
+    return max(1, round(budget / method.passes_per_step(setup)))
+
+
+def network_passes(method: Method, setup: Setup, result: FMTTResult) -> int:
+    """Passes actually made, from fmtt_core's counter: forwards + 2 x backward x networks traversed."""
+    nfe = result.nfe
+    return nfe.denoiser + nfe.lookahead + 2 * nfe.backward * method.backward_depth(setup)
+
+
+def handed_on(method: Method, result: FMTTResult, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(particle indices, their probabilities) of the samples the method hands on (see the module doc)."""
+    n = result.samples.shape[0]
+    if method.hands_on == "top":
+        idx = result.order[: min(n_out, n)]
+        return idx, torch.full((idx.numel(),), 1.0 / idx.numel(), dtype=torch.float64)
+    if method.hands_on == "weights":
+        return torch.arange(n), result.weights.double()
+    return torch.arange(n), torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
+def draw_handed_on(method: Method, result: FMTTResult, k: int, seed: int = 0) -> torch.Tensor:
+    """k samples to show, drawn by the hand-on rule (resampled by weight for weighted samplers)."""
+    if method.hands_on == "weights":
+        return result.pick("resample", k=k, seed=seed)
+    if method.hands_on == "top":
+        return result.samples[result.order[:k]]
+    return result.samples[:k]
+
+
+def make_x_init(particles: int, seed: int) -> torch.Tensor:
+    """Noise at t = 0 for `particles` particles, from the seed alone."""
+    return torch.randn((particles, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class MethodRun:
+    method: Method
+    particles: int
+    result: FMTTResult
+    seconds: float
+    passes: int
+    metrics: dict
+
+
+@torch.no_grad()
+def evaluate(method: Method, result: FMTTResult, models, n_out: int, target_class: int | None) -> dict:
+    """Judge accuracy (target class), judge confidence, reward: expectations over the handed-on samples."""
+    idx, prob = handed_on(method, result, n_out)
+    x = result.samples[idx]
+    judge_probs = models.judge(x).softmax(1).double()
+    reward = torch.nan_to_num(result.rewards[idx].double(), nan=float("-inf"))
+    finite = torch.isfinite(reward)
+    out = {
+        "judge_confidence": float((prob * judge_probs.max(1).values).sum()),
+        "judge_histogram": [float((prob * (judge_probs.argmax(1) == c)).sum()) for c in range(10)],
+        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),
+        "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
+        "resamples": result.n_resamples,
+    }
+    if target_class is not None:
+        out["judge_accuracy"] = out["judge_histogram"][target_class]
+        # The reward's own classifier on the same samples: far above the judge means adversarial pixels.
+        out["reward_classifier_accuracy"] = float((prob * (models.classifier(x).argmax(1) == target_class)).sum())
+    return out

@@ -1,0 +1,9 @@
+"""The ComfyUI layer of the pack. Loaded only by ComfyUI, as a sub-package of the pack (relative imports)."""
+from .folders import register as _register_folders
+
+_register_folders()
+
+from .reward_nodes import REWARD_NODES  # noqa: E402  (the folders must exist before the schemas list them)
+from .sampler_nodes import SAMPLER_NODES  # noqa: E402
+
+NODES = SAMPLER_NODES + REWARD_NODES

@@ -1,0 +1,128 @@
+"""FMTT_LOOKAHEAD: what the look-ahead nodes hand to the sampler, turned into fmtt_core look-aheads at sampling time.
+
+A spec is built when the graph runs but resolved only inside the sampler, because the base model's denoiser
+(and a companion model's) exist only while ComfyUI is sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import comfy.samplers
+
+from ..fmtt_core import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, FMTTInputError, ODELookahead
+from .bridge import clock_of, core_denoiser, guided_parts
+
+
+@dataclass(frozen=True)
+class BaseModelLookahead:
+    """(a) the base model's denoiser D(x, t), or (b) k ODE steps of the base model."""
+
+    kind: str = "denoiser"  # "denoiser" | "ode"
+    steps: int = 4
+    solver: str = "euler"
+    checkpoint: bool = True
+
+    def build(self, denoiser, companion=None):
+        if self.kind == "denoiser":
+            return DenoiserLookahead(denoiser)
+        return ODELookahead(denoiser, steps=self.steps, solver=self.solver, checkpoint=self.checkpoint)
+
+    def modules(self):
+        return []
+
+
+@dataclass(frozen=True, eq=False)
+class CompanionModelLookahead:
+    """(c) k steps of a second model sharing the latent space, with its own conditioning."""
+
+    model: object  # ComfyUI ModelPatcher
+    positive: list
+    negative: list | None = None
+    cfg: float = 1.0
+    steps: int = 4
+    solver: str = "euler"
+    checkpoint: bool = True
+    kind = "companion"
+
+    def build(self, denoiser, companion=None):
+        if companion is None:
+            raise FMTTInputError("FMTT: internal error, the companion model was not prepared.")
+        return CompanionLookahead(companion, steps=self.steps, solver=self.solver, checkpoint=self.checkpoint)
+
+    def run_with(self, base_model, noise_shape, sigmas, seed, body):
+        """Run body(companion_denoiser, companion_modules) while ComfyUI has the companion prepared for sampling.
+
+        The companion goes through ComfyUI's own sampling entry (CFGGuider.sample) with a sampler function that
+        does not sample but runs `body`: ComfyUI loads the model, encodes its conditioning and cleans up exactly
+        as for a normal run.
+        """
+        guider = comfy.samplers.CFGGuider(self.model)
+        guider.set_conds(self.positive, self.negative if self.negative is not None else self.positive)
+        guider.set_cfg(self.cfg)
+        box = {}
+
+        def capture(model, x, sigmas, extra_args=None, callback=None, disable=None):
+            _, companion_base = guided_parts(model)
+            check_companion(base_model, companion_base)
+            clock = clock_of(companion_base.model_sampling)
+            extra_args = dict(extra_args or {})
+            fn = lambda xc, sigma: model(xc, sigma, **extra_args)  # noqa: E731
+            box["out"] = body(core_denoiser(fn, clock), [companion_base.diffusion_model])
+            return x
+
+        zeros = torch.zeros((1, *noise_shape[1:]), dtype=torch.float32)
+        guider.sample(zeros, zeros.clone(), comfy.samplers.KSAMPLER(capture), sigmas.cpu(), seed=seed)
+        return box["out"]
+
+
+def check_companion(base_model, companion_base) -> None:
+    base_fmt, comp_fmt = type(base_model.latent_format), type(companion_base.latent_format)
+    if base_fmt is not comp_fmt or base_model.latent_format.latent_channels != companion_base.latent_format.latent_channels:
+        raise FMTTInputError(
+            f"FMTT: the companion model works in another latent space ({comp_fmt.__name__}) than the base model "
+            f"({base_fmt.__name__}). A companion must share the base model's latent space, e.g. FLUX.1-schnell "
+            "for FLUX.1-dev, or the base model with a Turbo / Lightning LoRA.")
+    if clock_of(base_model.model_sampling).kind != clock_of(companion_base.model_sampling).kind:
+        raise FMTTInputError("FMTT: the companion model is a flow model and the base model is not (or the "
+                             "reverse); both must use the same parameterisation.")
+
+
+@dataclass(frozen=True, eq=False)
+class FlowMapFileLookahead:
+    """(d) a learned two-time flow map X_{s,t} read from a file in the pack's format (flow_map_file.py)."""
+
+    network: torch.nn.Module
+    name: str
+    jumps: int = 1
+    checkpoint: bool = False
+    kind = "flow_map"
+
+    def build(self, denoiser, companion=None):
+        net = self.network
+
+        def flow_map(x, s, t):
+            return net(x.to(_dtype(net)), s, t).to(x.dtype)
+
+        return FlowMapLookahead(flow_map, jumps=self.jumps, checkpoint=self.checkpoint)
+
+    def modules(self):
+        return [self.network]
+
+    def to(self, device):
+        self.network.to(device)
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def describe(spec) -> str:
+    if spec is None or (isinstance(spec, BaseModelLookahead) and spec.kind == "denoiser"):
+        return "denoiser (1 step of the base model)"
+    if isinstance(spec, BaseModelLookahead):
+        return f"ODE of the base model, {spec.steps} {spec.solver} steps"
+    if isinstance(spec, CompanionModelLookahead):
+        return f"companion model, {spec.steps} {spec.solver} steps, cfg {spec.cfg}"
+    return f"flow map '{spec.name}', {spec.jumps} jump(s)"

@@ -1,0 +1,275 @@
+"""Sampler, look-ahead and diagnostics nodes. The sampling itself is fmtt_core's (through sampler.py)."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+from comfy_api.latest import io, ui
+
+from ..fmtt_core import MODES, SCHEMES
+from . import diagnostics as diag
+from .flow_map_file import load_flow_map
+from .folders import FLOW_MAPS, file_path
+from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
+from .sampler import OUTPUTS, FMTTSettings
+from .types import CATEGORY, Lookahead, Reward, SamplerDiagnostics
+
+LOOKAHEAD_OUT = "The look-ahead X_t,1(x): where a particle at time t is predicted to land. Connect to an FMTT sampler."
+
+
+def fmtt_inputs() -> list:
+    """The FMTT settings shared by the SAMPLER node and the all-in-one KSampler."""
+    return [
+        Reward.Input("reward", tooltip="What to steer toward: an FMTT reward (CLIP, PickScore, VLM question, "
+                                       "mask, ... or a weighted sum)."),
+        io.Vae.Input("vae", tooltip="The model's VAE (or a TAESD of the same latent space, cheaper): particles "
+                                    "are decoded with it, differentiably, before the reward scores them."),
+        Lookahead.Input("lookahead", optional=True,
+                        tooltip="How to predict a particle's final image: an FMTT look-ahead node. Unconnected: "
+                                "the base model's denoiser (cheapest, least accurate early on)."),
+        io.Combo.Input("mode", options=list(MODES), default="exact",
+                       tooltip="exact: reward-gradient drift + importance weights + resampling (samples "
+                               "p(x) exp(scale r(x))). search: gradient drift + keep-the-best selections (highest "
+                               "rewards, no weights). zero_order: no gradients, weights + resampling only "
+                               "(cheapest, still exact)."),
+        io.Int.Input("particles", default=4, min=1, max=4096,
+                     tooltip="Particles per latent in the batch. More particles: better steering, proportionally "
+                             "more compute."),
+        io.Float.Input("reward_scale", default=1.0, min=0.0, max=100000.0, step=0.01,
+                       tooltip="Tilt strength beta: the target is p(x) exp(beta r(x)). Scale it to the reward's "
+                               "range (CLIP ~100 x cos: try 0.1-1; HPSv2 ~0.3: try 20-100). 0: no steering."),
+        io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
+                       tooltip="Stochasticity: noise level eps_t = eta (1 - t). The reward gradient acts through "
+                               "the noise, so eta = 0 means weights only."),
+        io.Float.Input("ess_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Resample when the effective sample size falls below this fraction of the "
+                               "particles (0: never, 1: every step)."),
+        io.Combo.Input("resampling", options=list(SCHEMES), default="systematic",
+                       tooltip="Resampling scheme: systematic (lowest variance), stratified, multinomial, residual."),
+        io.Int.Input("chunk_size", default=0, min=0, max=4096,
+                     tooltip="Particles per forward / backward pass (0: all at once). Lower it when memory runs "
+                             "out; results do not change."),
+        io.Combo.Input("output", options=list(OUTPUTS), default="best",
+                       tooltip="Which particles to hand on: best (highest final reward), top_k (the output_count "
+                               "best), weighted_resample (output_count draws from the importance weights: "
+                               "samples of the tilted distribution)."),
+        io.Int.Input("output_count", default=1, min=1, max=4096,
+                     tooltip="How many particles per latent for top_k / weighted_resample."),
+        io.Float.Input("tilt_ramp", default=1.0, min=0.01, max=1.0, step=0.01, advanced=True,
+                       tooltip="Tilt schedule: lambda reaches 1 at this fraction of the trajectory (1.0: linear, "
+                               "the paper's lambda_t = t; 0.1: weights and resampling act only early)."),
+        io.Float.Input("grad_clip", default=0.0, min=0.0, max=100000.0, step=0.01, advanced=True,
+                       tooltip="Cap on the per-particle reward-gradient norm (0: off). Tames spiky rewards; "
+                               "makes exact mode approximate."),
+        io.Int.Input("search_steps", default=3, min=1, max=100, advanced=True,
+                     tooltip="search mode: number of keep-the-best selections over the first 3/4 of the steps."),
+        io.Int.Input("search_keep", default=0, min=0, max=4096, advanced=True,
+                     tooltip="search mode: particles kept at each selection (0: a quarter of them)."),
+        io.Combo.Input("weights", options=["auto", "eulerian", "advective"], default="auto", advanced=True,
+                       tooltip="Importance-weight formula. auto: eulerian for flow-map / ODE look-aheads, "
+                               "advective (exact for any look-ahead, one more look-ahead per step) otherwise."),
+    ]
+
+
+FMTT_KEYS = ("reward", "vae", "lookahead", "mode", "particles", "reward_scale", "eta", "ess_threshold", "resampling",
+             "chunk_size", "output", "output_count", "tilt_ramp", "grad_clip", "search_steps", "search_keep",
+             "weights")
+
+
+def settings_from(kwargs) -> FMTTSettings:
+    return FMTTSettings(**{k: kwargs[k] for k in FMTT_KEYS if k in kwargs})
+
+
+def check_counts(particles, output, output_count, mode="exact", search_keep=0) -> bool | str:
+    """Constant-input checks with messages that name the fix."""
+    if particles is not None and particles < 1:
+        return f"particles must be at least 1 (got {particles}): FMTT needs one or more particles per latent."
+    if None not in (particles, output, output_count) and output == "top_k" and output_count > particles:
+        return (f"output_count ({output_count}) is larger than particles ({particles}) with output top_k: lower "
+                "output_count or raise particles.")
+    if None not in (particles, search_keep) and mode == "search" and search_keep > particles:
+        return f"search_keep ({search_keep}) is larger than particles ({particles}): lower it (0 = a quarter)."
+    return True
+
+
+class FMTTSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTSampler", display_name="FMTT Sampler", category=CATEGORY,
+            description="Flow Map Trajectory Tilting as a SAMPLER for SamplerCustomAdvanced / SamplerCustom: "
+                        "reward-steered particles with a look-ahead, importance weights and resampling.",
+            inputs=fmtt_inputs(),
+            outputs=[io.Sampler.Output(display_name="sampler",
+                                       tooltip="Connect to SamplerCustomAdvanced (or SamplerCustom)."),
+                     SamplerDiagnostics.Output(display_name="diagnostics",
+                                               tooltip="Connect to FMTT Diagnostics to see what the steering did.")])
+
+    @classmethod
+    def validate_inputs(cls, particles, output, output_count, mode, search_keep):
+        return check_counts(particles, output, output_count, mode, search_keep)
+
+    @classmethod
+    def execute(cls, **kwargs) -> io.NodeOutput:
+        settings = settings_from(kwargs)
+        return io.NodeOutput(settings.sampler(), settings.diagnostics)
+
+
+class FMTTKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTKSampler", display_name="FMTT KSampler", category=CATEGORY,
+            description="All-in-one: the usual KSampler widgets plus FMTT reward steering. Works for txt2img and, "
+                        "with denoise < 1 on an encoded image, for img2img / editing.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion / flow model to sample."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed; every particle's noise and the sampler's randomness derive from "
+                                     "it (same seed, same result)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (1.0 for FLUX with its guidance embedding)."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
+                               tooltip="Sigma schedule."),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning (unused at cfg 1)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for txt2img, or an encoded image with "
+                                                        "denoise < 1 for img2img / editing."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the schedule to run; < 1 keeps the input image's structure."),
+                *fmtt_inputs(),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The selected particles' latents."),
+                     io.Image.Output(display_name="diagnostics_plot",
+                                     tooltip="Reward, ESS and resampling events over the steps."),
+                     io.String.Output(display_name="summary", tooltip="Text summary with the NFE breakdown.")])
+
+    @classmethod
+    def validate_inputs(cls, particles, output, output_count, mode, search_keep):
+        return check_counts(particles, output, output_count, mode, search_keep)
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise,
+                **kwargs) -> io.NodeOutput:
+        if denoise <= 0:
+            raise ValueError("FMTT KSampler: denoise is 0, nothing to sample; use a value in (0, 1].")
+        settings = settings_from(kwargs)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"],
+                                                         latent_image.get("downscale_ratio_spacial"),
+                                                         latent_image.get("downscale_ratio_temporal"))
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        total = int(steps / denoise)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
+        sigmas = sigmas[-(steps + 1):]
+        callback = latent_preview.prepare_callback(model, steps)
+        samples = comfy.sample.sample_custom(model, noise, cfg, settings.sampler(), sigmas, positive, negative, latent,
+                                             noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = {k: v for k, v in latent_image.items()
+               if k not in ("samples", "batch_index", "downscale_ratio_spacial", "downscale_ratio_temporal")}
+        out["samples"] = samples
+        return io.NodeOutput(out, diag.plot(settings.diagnostics), diag.summary(settings.diagnostics))
+
+
+class FMTTDiagnostics(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTDiagnostics", display_name="FMTT Diagnostics", category=CATEGORY, is_output_node=True,
+            description="Shows what the FMTT sampler did on its last run: reward, ESS and resampling events per "
+                        "step, and the NFE breakdown.",
+            inputs=[SamplerDiagnostics.Input("diagnostics", tooltip="From the FMTT Sampler node."),
+                    io.Latent.Input("samples", tooltip="The sampler's output latent: makes this node run after "
+                                                       "the sampling it reports on.")],
+            outputs=[io.Image.Output(display_name="plot", tooltip="Reward, ESS and resampling events over steps."),
+                     io.String.Output(display_name="summary", tooltip="Text summary with the NFE breakdown.")])
+
+    @classmethod
+    def execute(cls, diagnostics, samples) -> io.NodeOutput:
+        image, text = diag.plot(diagnostics), diag.summary(diagnostics)
+        return io.NodeOutput(image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(),
+                                              **ui.PreviewText(text).as_dict()})
+
+
+class BaseLookaheadNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTBaseModelLookahead", display_name="FMTT Look-ahead (base model)", category=CATEGORY,
+            description="Look-ahead from the model being sampled: its denoiser (1 call, the paper's baseline) or "
+                        "k ODE steps (k calls and their backward; closer to the true flow map).",
+            inputs=[
+                io.Combo.Input("kind", options=["ode", "denoiser"], default="ode",
+                               tooltip="ode: k probability-flow ODE steps from t to 1; denoiser: D(x, t)."),
+                io.Int.Input("steps", default=4, min=1, max=64, tooltip="ODE steps (ode only)."),
+                io.Combo.Input("solver", options=["euler", "heun"], default="euler",
+                               tooltip="ODE solver (ode only); heun costs about twice the calls."),
+                io.Boolean.Input("checkpoint", default=True,
+                                 tooltip="Recompute each step in the backward pass instead of storing activations: "
+                                         "memory stays one step deep."),
+            ],
+            outputs=[Lookahead.Output(display_name="lookahead", tooltip=LOOKAHEAD_OUT)])
+
+    @classmethod
+    def execute(cls, kind, steps, solver, checkpoint) -> io.NodeOutput:
+        return io.NodeOutput(BaseModelLookahead(kind, steps, solver, checkpoint))
+
+
+class CompanionLookaheadNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTCompanionLookahead", display_name="FMTT Look-ahead (companion model)", category=CATEGORY,
+            description="Look-ahead with a few-step model sharing the latent space (FLUX.1-schnell for FLUX.1-dev, "
+                        "a Turbo / Lightning LoRA model), run for k steps with its own conditioning.",
+            inputs=[
+                io.Model.Input("model", tooltip="The companion model (same latent space as the sampled model)."),
+                io.Conditioning.Input("positive", tooltip="The companion's conditioning (encode the prompt with "
+                                                          "its text encoder)."),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Negative conditioning for the companion (only used with cfg > 1)."),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="The companion's guidance scale (1.0 for distilled models)."),
+                io.Int.Input("steps", default=4, min=1, max=64, tooltip="Companion steps from t to 1."),
+                io.Combo.Input("solver", options=["euler", "heun"], default="euler", tooltip="ODE solver."),
+                io.Boolean.Input("checkpoint", default=True,
+                                 tooltip="Recompute each step in the backward pass (memory one step deep)."),
+            ],
+            outputs=[Lookahead.Output(display_name="lookahead", tooltip=LOOKAHEAD_OUT)])
+
+    @classmethod
+    def execute(cls, model, positive, cfg, steps, solver, checkpoint, negative=None) -> io.NodeOutput:
+        return io.NodeOutput(CompanionModelLookahead(model, positive, negative, cfg, steps, solver, checkpoint))
+
+
+class FlowMapLookaheadNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FMTTFlowMapLookahead", display_name="FMTT Look-ahead (flow map file)", category=CATEGORY,
+            description="Look-ahead with a learned two-time flow map X_s,t from models/fmtt_flow_maps/ (the pack's "
+                        "safetensors format, see the README).",
+            inputs=[
+                io.Combo.Input("flow_map", options=folder_paths.get_filename_list(FLOW_MAPS),
+                               tooltip="A flow-map file in models/fmtt_flow_maps/."),
+                io.Int.Input("jumps", default=1, min=1, max=64, tooltip="Jumps from t to 1 (1: one network call)."),
+                io.Boolean.Input("checkpoint", default=False,
+                                 tooltip="Recompute jumps in the backward pass (useful with several jumps)."),
+            ],
+            outputs=[Lookahead.Output(display_name="lookahead", tooltip=LOOKAHEAD_OUT)])
+
+    @classmethod
+    def execute(cls, flow_map, jumps, checkpoint) -> io.NodeOutput:
+        with torch.inference_mode(False):
+            net = load_flow_map(file_path(FLOW_MAPS, flow_map)).to(comfy.model_management.get_torch_device())
+        return io.NodeOutput(FlowMapFileLookahead(net, flow_map, jumps, checkpoint))
+
+
+SAMPLER_NODES = [FMTTSampler, FMTTKSampler, FMTTDiagnostics, BaseLookaheadNode, CompanionLookaheadNode,
+                 FlowMapLookaheadNode]

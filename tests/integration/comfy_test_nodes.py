@@ -1,0 +1,135 @@
+"""Test-only ComfyUI nodes, copied by the harness into the temporary ComfyUI's custom_nodes/ as
+fmtt_test_nodes/__init__.py. Never shipped in the pack.
+
+  FMTTTestConditioning   random Flux-shaped CONDITIONING (no text encoder needed)
+  FMTTTestNaNReward      an FMTT_REWARD that returns NaN (bad-input test)
+  FMTTTestLatentReport   shows a LATENT's values as text (exact comparisons through /history)
+  FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences
+"""
+import json
+import sys
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+from comfy_api.latest import ComfyExtension, io, ui
+
+Reward = io.Custom("FMTT_REWARD")
+
+
+def pack_module(name):
+    """A module of the FMTT pack as ComfyUI loaded it (its name is derived from the pack's path)."""
+    for key, module in sys.modules.items():
+        if key.endswith("comfyui-fmtt." + name):
+            return module
+    raise RuntimeError(f"FMTT pack module {name} is not loaded")
+
+
+class TestConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestConditioning", category="testing",
+                         inputs=[io.Int.Input("seed", default=0, min=0, max=2**31),
+                                 io.Int.Input("tokens", default=4, min=1, max=64)],
+                         outputs=[io.Conditioning.Output()])
+
+    @classmethod
+    def execute(cls, seed, tokens):
+        g = torch.Generator().manual_seed(seed)
+        return io.NodeOutput([[torch.randn(1, tokens, 64, generator=g),
+                               {"pooled_output": torch.randn(1, 32, generator=g), "guidance": 3.5}]])
+
+
+class NaNReward(torch.nn.Module):
+    name = "NaN"
+
+    def forward(self, images):
+        return images.mean((1, 2, 3)) * float("nan")
+
+
+class TestNaNReward(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestNaNReward", category="testing", inputs=[], outputs=[Reward.Output()])
+
+    @classmethod
+    def execute(cls):
+        return io.NodeOutput(NaNReward())
+
+
+class TestLatentReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestLatentReport", category="testing", is_output_node=True,
+                         inputs=[io.Latent.Input("samples")], outputs=[])
+
+    @classmethod
+    def execute(cls, samples):
+        x = samples["samples"].float()
+        text = json.dumps({"shape": list(x.shape), "values": x.flatten().tolist()})
+        return io.NodeOutput(ui=ui.PreviewText(text))
+
+
+class TestGradientCheck(io.ComfyNode):
+    """d/dx r(decode(X_t,1(x))) through the real MODEL, by autograd (the pack's bridge) and by central differences."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestGradientCheck", category="testing", is_output_node=True,
+                         inputs=[io.Model.Input("model"), io.Vae.Input("vae"), Reward.Input("reward"),
+                                 io.Conditioning.Input("positive"), io.Int.Input("seed", default=0, min=0, max=2**31),
+                                 io.Float.Input("t", default=0.5, min=0.0, max=0.99),
+                                 io.Boolean.Input("checkpoint", default=True),
+                                 io.Float.Input("h", default=1e-2, min=1e-6, max=1.0, step=1e-6)],
+                         outputs=[])
+
+    @classmethod
+    def execute(cls, model, vae, reward, positive, seed, t, checkpoint, h):
+        bridge, core = pack_module("nodes.bridge"), pack_module("fmtt_core")
+        report = {}
+
+        def probe(m, x, sigmas, extra_args=None, callback=None, disable=None):
+            guider, base = bridge.guided_parts(m)
+            clock = bridge.clock_of(base.model_sampling)
+            fn = lambda xc, sigma: m(xc, sigma, **extra_args)  # noqa: E731
+            denoiser = bridge.core_denoiser(fn, clock)
+            decode, first_stage = bridge.vae_decoder(vae, base)
+            look = core.ODELookahead(denoiser, steps=2, checkpoint=checkpoint)
+            with bridge.differentiable([base.diffusion_model, first_stage]):
+                g = torch.Generator().manual_seed(seed)
+                x0 = torch.randn(x.shape, generator=g)
+                direction = torch.randn(x.shape, generator=g)
+                tt = torch.full((1,), t)
+
+                def directional(f, h):
+                    z = x0.clone().requires_grad_(True)
+                    grad = torch.autograd.grad(f(z), z)[0]
+                    with torch.no_grad():
+                        fd = (f(x0 + h * direction) - f(x0 - h * direction)) / (2 * h)
+                    return {"autograd": float((grad * direction).sum()), "finite_difference": float(fd)}
+
+                # The model alone (smooth), then the whole chain the sampler differentiates (ReLU kinks in the
+                # decoder: a smaller step and a looser tolerance).
+                report["lookahead"] = directional(lambda z: look(z, tt).square().sum(), h)
+                report["reward"] = directional(lambda z: reward(decode(look(z, tt))).sum(), h / 3)
+            return x
+
+        latent = torch.zeros(1, 16, 4, 4)
+        sigmas = torch.tensor([1.0, 0.0])
+        comfy.sample.sample_custom(model, latent.clone(), 1.0, comfy.samplers.KSAMPLER(probe), sigmas, positive,
+                                   positive, latent, seed=seed)
+        import comfy.model_management
+        report["restored"] = {"in_training": comfy.model_management.in_training,
+                              "grad_enabled": torch.is_grad_enabled(),
+                              "inference_mode": torch.is_inference_mode_enabled()}
+        return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
+
+
+class TestExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [TestConditioning, TestNaNReward, TestLatentReport, TestGradientCheck]
+
+
+async def comfy_entrypoint():
+    return TestExtension()
