@@ -133,7 +133,8 @@ def accuracy_plot(rows, classes, path: Path) -> None:
     panels = [("all", rows)] + [(c, [r for r in rows if r["class"] == c]) for c in classes]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), sharey=True)
     for ax, (cls, sel) in zip(axes, panels):
-        for method, cells in summarise(sel).items():
+        summary = summarise(sel)
+        for method, cells in summary.items():
             budgets = sorted(cells)
             x = [cells[b][2] for b in budgets]
             y = np.array([cells[b][0] for b in budgets])
@@ -141,12 +142,16 @@ def accuracy_plot(rows, classes, path: Path) -> None:
             style = "-" if method.startswith("fmtt") else "--"
             (line,) = ax.plot(x, y, style, marker="o", markersize=3, label=METHODS[method].label)
             ax.fill_between(x, y - e, y + e, color=line.get_color(), alpha=0.12)
+        ticks = [cells[2] for _, cells in sorted(summary["fmtt_exact"].items())]
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks], fontsize=7)
+        ax.minorticks_off()
         ax.set(xlabel="network passes per handed-on sample", ylim=(0, 1.02),
                title="mean over classes" if cls == "all" else f"target class {cls}")
     axes[0].set_ylabel("judge accuracy")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "accuracy"):
-        budgets, seeds, classes = ((16, 64), range(2), (3,)) if args.quick else ((16, 32, 64, 128, 256), range(args.seeds), CLASSES)
+        budgets, seeds, classes = ((16, 64), range(2), (3,)) if args.quick else ((4, 8, 16, 32, 64, 128, 256), range(args.seeds), CLASSES)
         print(f"accuracy: classes {classes}, FMTT particles {budgets}, seeds {list(seeds)}")
         rows = run_accuracy(budgets, seeds, classes)
         (args.out / "digits_accuracy.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
     if args.part in ("all", "memory"):
         counts = (64, 512) if args.quick else (64, 256, 1024, 4096)
         print(f"memory: particles {counts}")
-        rows = run_memory(counts, (None, 256), steps=5)
+        rows = run_memory(counts, (None, 256), steps=10)
         (args.out / "digits_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
         md = memory_markdown(rows)
         (args.out / "digits_memory.md").write_text(md)

@@ -45,15 +45,14 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
              eta: float = 1.0, jumps: int = 1, seed: int = 0, weights: Path | None = None,
              progress: bool = True) -> tuple[list[MethodRun], dict]:
     """Run the comparison; returns the runs and the settings (everything results.json records)."""
+    keys = methods_for(mode, methods)
     models = load_digit_models(weights)
     scale = DEFAULT_REWARD_SCALE[reward] if reward_scale is None else reward_scale
     setup = Setup(models, make_reward(reward, models, target_class), reward_scale=scale, eta=eta, jumps=jumps)
-    keys = methods_for(mode, methods)
-    n_out = samples
     times = time_grid(steps)
     settings = {"target_class": target_class if reward == "classifier" else None, "reward": reward,
                 "reward_description": str(setup.reward), "reward_scale": scale, "particles": particles,
-                "samples_handed_on": n_out, "steps": steps, "eta": eta, "jumps": jumps, "seed": seed,
+                "samples_handed_on": samples, "steps": steps, "eta": eta, "jumps": jumps, "seed": seed,
                 "methods": keys, "budget_rule": "matched network passes to FMTT exact (flow map) with `particles`"}
 
     bar = None
@@ -71,7 +70,7 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
             result = method.run(setup, make_x_init(n, seed), times, seed,
                                 callback=(lambda info: bar.update(1)) if bar is not None else None)
             seconds = time.perf_counter() - start
-            metrics = evaluate(method, result, models, n_out, settings["target_class"])
+            metrics = evaluate(method, result, models, samples, settings["target_class"])
             runs.append(MethodRun(method, n, result, seconds, network_passes(method, setup, result), metrics))
     finally:
         if bar is not None:

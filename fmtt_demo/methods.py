@@ -2,8 +2,8 @@
 
 Budget unit, a "network pass": one forward of the denoiser or of the flow map for one particle counts 1,
 one backward through one of them counts 2 (the usual cost of a backward pass). Reward-model passes are
-counted separately and not charged: the reward here is a small MLP, as cheap as a pass. Per particle and
-step that makes
+counted separately and not charged: the reward here is an MLP 30x smaller than the denoiser. Per particle
+and step that makes
 
     base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
     denoiser guidance                       3      (denoiser + backward through it)

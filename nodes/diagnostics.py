@@ -18,7 +18,7 @@ COLORS = {"mean": (31, 119, 180), "max": (255, 127, 14), "ess": (44, 160, 44), "
 def _panel(draw, top, title, series, y_range, steps, events=(), hline=None):
     """One chart: series = [(label, color, values)], drawn over the step axis."""
     font = ImageFont.load_default()
-    left, right, bottom = MARGIN, WIDTH - 16, top + PANEL_H - 28
+    left, right, bottom = MARGIN + 24, WIDTH - 16, top + PANEL_H - 28
     y0, y1 = y_range
     span = (y1 - y0) or 1.0
 
@@ -36,7 +36,9 @@ def _panel(draw, top, title, series, y_range, steps, events=(), hline=None):
         draw.line([x, top + 20, x, bottom], fill=COLORS["resample"], width=1)
     if hline is not None:
         draw.line([px(0, hline), px(steps - 1, hline)], fill=COLORS["threshold"], width=1)
-    legend_x = left + 160
+    draw.text((left, bottom + 2), "step 1", fill=COLORS["axis"], font=font)
+    draw.text((right - 48, bottom + 2), f"step {steps}", fill=COLORS["axis"], font=font)
+    legend_x = right - sum(7 * len(label) + 24 for label, _, _ in series)
     for label, color, values in series:
         pts = [px(i, v) for i, v in enumerate(values) if math.isfinite(v)]
         if len(pts) > 1:
@@ -44,7 +46,7 @@ def _panel(draw, top, title, series, y_range, steps, events=(), hline=None):
         for p in pts:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
         draw.text((legend_x, top + 4), label, fill=color, font=font)
-        legend_x += 8 * len(label) + 24
+        legend_x += 7 * len(label) + 24
 
 
 def _range(values):
@@ -74,7 +76,7 @@ def plot(diag: Diagnostics) -> torch.Tensor:
         events = [i for i, s in enumerate(run.trace) if s.resampled]
         _panel(draw, 0, "look-ahead reward r(X_t,1) per step", [("mean (weighted)", COLORS["mean"], mean),
                ("max", COLORS["max"], best)], _range(mean + best), steps, events)
-        _panel(draw, PANEL_H, "ESS / particles (red: resampling or selection)", [("ESS/N", COLORS["ess"], ess)],
+        _panel(draw, PANEL_H, "ESS / particles (red lines: resampling or selection; grey: threshold)", [("ESS/N", COLORS["ess"], ess)],
                (0.0, 1.05), steps, events, hline=diag.settings.get("ess_threshold"))
         draw.text((MARGIN, 2 * PANEL_H + 8), f"steps 1..{steps}   particles {n}   {run.method}",
                   fill=COLORS["axis"])

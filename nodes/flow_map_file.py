@@ -15,14 +15,14 @@ Metadata (all strings):
 
 Architecture "conv_resnet":  X(x, s, t) = x + (t - s) * u(x, s, t), with
     c      = [sin(pi 2^(k/2) s), cos(...), sin(pi 2^(k/2) (t - s)), cos(...)]   k = 0..F-1     -> [B, 4F]
-    e      = silu(cond.1(silu(cond.0(c))))                                       Linear 4F->W, W->W
+    e      = silu(cond.2(silu(cond.0(c))))                                       Linear 4F->W, W->W
     h      = inp(x)                                                              Conv2d C->W, 3x3, pad 1
     block i (i = 0..L-1):
         scale, shift = blocks.i.film(e).chunk(2)                                 Linear W->2W
         h = h + blocks.i.conv2(silu(blocks.i.conv1(GN(h) * (1 + scale) + shift)))  Conv2d W->W 3x3 pad 1
     u      = out(silu(GN(h)))                                                    Conv2d W->C, 3x3, pad 1
 GN is GroupNorm(G, W) without affine parameters. Tensor names: inp.weight/bias, cond.0.weight/bias,
-cond.1.weight/bias, blocks.{i}.film.weight/bias, blocks.{i}.conv1.weight/bias, blocks.{i}.conv2.weight/bias,
+cond.2.weight/bias, blocks.{i}.film.weight/bias, blocks.{i}.conv1.weight/bias, blocks.{i}.conv2.weight/bias,
 out.weight/bias (PyTorch layouts: Linear [out, in], Conv2d [out, in, 3, 3]).
 """
 from __future__ import annotations

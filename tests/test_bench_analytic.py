@@ -68,7 +68,7 @@ def test_nfe_accounting_follows_the_lookahead(bench, tiny_run):
 
 def test_table_and_plot_are_written(bench, tiny_run, tmp_path):
     cfg, records, references, rows = tiny_run
-    table = bench.markdown_table(rows, references, cfg.setting)
+    table = bench.markdown_table(rows, references, cfg.setting, records)
     for target in cfg.targets:
         assert f"### {target.name}" in table
     body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]

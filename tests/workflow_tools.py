@@ -40,16 +40,17 @@ def signatures(object_info: dict, types=None) -> dict:
 
 
 def widget_names(sig: dict) -> list[str | None]:
-    """The names behind widgets_values, in order (None: the extra 'control after generate' or upload value)."""
-    names = []
+    """The names behind widgets_values, in order. None marks values the frontend adds: 'control after generate'
+    right after its number, and an image-upload button's value after all the node's widgets."""
+    names, uploads = [], []
     for inp in sig["inputs"]:
         if inp["widget"]:
             names.append(inp["name"])
             if inp["control"]:
                 names.append(None)
             if inp["upload"]:
-                names.append(None)
-    return names
+                uploads.append(None)
+    return names + uploads
 
 
 def load_workflow(path) -> dict:

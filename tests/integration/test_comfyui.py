@@ -293,9 +293,9 @@ def test_reward_gradient_through_the_model_matches_finite_differences(comfy):
         "t": 0.4, "checkpoint": True, "h": 1e-2}}
     report = json.loads(ok(comfy.run(p))["outputs"]["check"]["text"][0])
     look, reward = report["lookahead"], report["reward"]
-    assert abs(look["autograd"] - look["finite_difference"]) < 0.02 * abs(look["finite_difference"]), look
-    assert reward["autograd"] != 0
-    assert abs(reward["autograd"] - reward["finite_difference"]) < 0.15 * abs(reward["finite_difference"]), reward
+    assert abs(look["autograd"] - look["finite_difference"]) < 0.01 * abs(look["finite_difference"]), look
+    assert reward["autograd"] > 0  # the derivative along the gradient is its norm
+    assert abs(reward["autograd"] - reward["finite_difference"]) < 0.05 * reward["autograd"], reward
     assert report["restored"] == {"in_training": False, "grad_enabled": False, "inference_mode": True}
 
 
