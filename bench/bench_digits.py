@@ -238,6 +238,12 @@ def memory_plot(rows, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 
+def rows_json(rows) -> str:
+    """One run per line, floats to 5 significant digits: small and diff-friendly."""
+    short = lambda v: float(f"{v:.5g}") if isinstance(v, float) else v  # noqa: E731
+    return "[\n" + ",\n".join(json.dumps({k: short(v) for k, v in r.items()}, sort_keys=True) for r in rows) + "\n]\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("all", "accuracy", "memory"), default="all")
@@ -257,7 +263,7 @@ def main(argv=None) -> int:
         budgets, seeds, classes = ((16, 64), range(2), (3,)) if args.quick else ((4, 8, 16, 32, 64, 128, 256), range(args.seeds), CLASSES)
         print(f"accuracy: classes {classes}, FMTT particles {budgets}, seeds {list(seeds)}")
         rows = run_accuracy(budgets, seeds, classes)
-        (args.out / "digits_accuracy.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "digits_accuracy.json").write_text(rows_json(rows))
         md = accuracy_markdown(rows, classes)
         (args.out / "digits_accuracy.md").write_text(md)
         accuracy_plot(rows, classes, args.out / "digits_accuracy.png")
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
         counts = (64, 512) if args.quick else (64, 256, 1024, 4096)
         print(f"memory: particles {counts}")
         rows = run_memory(counts, (None, 256), steps=10)
-        (args.out / "digits_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.out / "digits_memory.json").write_text(rows_json(rows))
         md = memory_markdown(rows)
         (args.out / "digits_memory.md").write_text(md)
         memory_plot(rows, args.out / "digits_memory.png")

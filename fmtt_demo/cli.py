@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default=None,
                       help=f"comma-separated subset, overrides --mode: {', '.join(METHODS)}")
     demo.add_argument("--reward-scale", type=float, default=None,
-                      help=f"beta, the tilt's strength (default {DEFAULT_REWARD_SCALE})")
+                      help="beta, the tilt's strength (default: " +
+                           ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_REWARD_SCALE.items()) + ")")
     demo.add_argument("--eta", type=float, default=1.0, help="SDE noise, eps_t = eta (1 - t) (default 1)")
     demo.add_argument("--jumps", type=_positive(int), default=1, help="flow-map jumps per look-ahead (default 1)")
     demo.add_argument("--seed", type=int, default=0)

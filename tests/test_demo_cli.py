@@ -4,19 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from fmtt_demo.cli import main, run_demo
 from fmtt_demo.methods import DEFAULT_METHODS, METHODS
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
