@@ -15,8 +15,10 @@ Cost is counted by the samplers' own NFE counter. The flow-map look-ahead is the
 The `i.i.d. exact` row draws N samples from the tilted law itself: the Monte-Carlo floor of each
 metric at that N, plotted at the cost of a plain N-particle sampler.
 
-    python bench/bench_analytic.py            # full run (~5-8 min on 2 CPU cores), writes bench/results/
-    python bench/bench_analytic.py --quick    # smoke run (< 1 min)
+    python bench/bench_analytic.py                          # ~7 min, 1 thread: bench/results/analytic.*
+    python bench/bench_analytic.py --setting toy --seeds 4  # authors' toy knobs: analytic_toy.*
+    python bench/bench_analytic.py --quick                  # smoke run (~10 s), prints only
+    python bench/bench_analytic.py --replot bench/results/analytic.json   # redraw the plot
 """
 from __future__ import annotations
 
@@ -385,8 +387,9 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     targets = list(dict.fromkeys(r["target"] for r in rows))
-    panels = [("mean_err", "mean err (std units)"), ("energy", "energy distance"), ("ess_frac", "final ESS / N")]
-    fig, axes = plt.subplots(len(targets), len(panels), figsize=(5.2 * len(panels), 4.0 * len(targets) + 1.2),
+    panels = [("mean_err", "mean err (std units)"), ("energy", "energy distance"), ("ess_frac", "final ESS / N"),
+              ("resamples", "resamplings (selections for search)")]
+    fig, axes = plt.subplots(len(targets), len(panels), figsize=(4.6 * len(panels), 4.0 * len(targets) + 1.2),
                              squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     palette = plt.cm.tab10.colors + ("#555555", "#b8860b", "#8fbc8f")
@@ -404,7 +407,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     xs, ys, se = zip(*pts)
                     ax.errorbar(xs, ys, yerr=se, ms=4, capsize=2, label=method, **style[method])
             ax.set_xscale("log")
-            if key != "ess_frac":
+            if key in ("mean_err", "energy"):
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
@@ -412,8 +415,11 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(target, fontsize=9)
             ax.grid(True, which="major", alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    legend = {}  # every method once, in table order, whichever panel drew it
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    labels = [m for m in methods if m in legend]
+    fig.legend([legend[m] for m in labels], labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 1.1 / (4.0 * len(targets) + 1.2), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -462,9 +468,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument("--steps", type=int, help="override the number of sampler steps")
     parser.add_argument("--out", type=Path, help=f"folder for analytic*.md/.png/.json (full runs: {RESULTS})")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only re-render the plot of a saved analytic*.json next to it, then exit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny tensors: 1 is fastest)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        plot(json.loads(args.replot.read_text())["rows"], args.replot.with_suffix(".png"))
+        return 0
 
     cfg = quick_config(args.betas) if args.quick else full_config(args.setting, args.betas)
     if args.particles:

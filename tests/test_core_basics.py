@@ -192,3 +192,13 @@ def test_importing_core_pulls_no_framework():
             "print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_steep_reward_gradient_warns_with_the_fix():
+    steep = lambda x: 1e4 * x[:, 0]  # noqa: E731  a push far beyond the step's noise
+    with pytest.warns(RuntimeWarning, match="more steps"):
+        fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
+                       lookahead=fc.ODELookahead(RING.denoiser, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(n=16)  # a gentle reward: no warning
