@@ -114,11 +114,96 @@ def _clone_saved_activations():
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
+def _tensor_leaves(tree):
+    """The autograd-usable tensors in a nest of tuples / lists / dicts, and what rebuilds the nest from
+    replacements for them. Inference tensors (ComfyUI's sigmas, conditioning) are constants: they cannot take
+    part in autograd, nor be changed in place."""
+    leaves, spec = torch.utils._pytree.tree_flatten(tree)
+    tracked = [isinstance(v, torch.Tensor) and not v.is_inference() for v in leaves]
+
+    def rebuild(tensors):
+        tensors = iter(tensors)
+        return torch.utils._pytree.tree_unflatten([next(tensors) if t else v for v, t in zip(leaves, tracked)], spec)
+
+    return [v for v, t in zip(leaves, tracked) if t], rebuild
+
+
+class _RecomputedBlock(torch.autograd.Function):
+    """A DiT block call that keeps only its inputs for the backward pass and runs again there.
+
+    torch.utils.checkpoint does not fit ComfyUI's blocks: they update activations in place (x += ...) after autograd
+    saved them, and its recompute keeps saved tensors as views that those updates overwrite (silently wrong
+    gradients). This recompute saves copies instead, like the un-checkpointed path, one block at a time.
+    Gradients flow to the call's tensors (also inside tuples, lists and dicts); other objects are constants.
+    """
+
+    @staticmethod
+    def forward(ctx, run, outputs_box, *tensors):
+        ctx.run = run
+        ctx.save_for_backward(*tensors)
+        outputs, outputs_box["rebuild"] = _tensor_leaves(run(tensors))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        with torch.enable_grad(), _clone_saved_activations():
+            outputs, _ = _tensor_leaves(ctx.run(inputs))
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                     if pairs and wanted else [None] * len(wanted))
+        return (None, None, *(next(grads) if t.requires_grad else None for t in inputs))
+
+
+def _recomputed(block_forward):
+    """A block's forward that recomputes it in the backward pass. The arguments are captured as they are at the
+    call (ComfyUI updates transformer_options between blocks), and the block always runs on copies of its input
+    tensors because it updates them in place."""
+
+    def forward(*args, **kwargs):
+        tensors, rebuild_call = _tensor_leaves((args, kwargs))
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return block_forward(*args, **kwargs)  # nothing to differentiate: the plain call
+
+        def run(inputs):
+            call_args, call_kwargs = rebuild_call([t.clone() for t in inputs])
+            return block_forward(*call_args, **call_kwargs)
+
+        box = {}
+        outputs = _RecomputedBlock.apply(run, box, *tensors)
+        return box["rebuild"](outputs)
+
+    return forward
+
+
+BLOCK_LISTS = ("double_blocks", "single_blocks")  # Flux-family DiTs (Flux, Flux 2, Chroma, HunyuanVideo)
+
+
 @contextlib.contextmanager
-def differentiable(modules: list[torch.nn.Module], enabled: bool = True):
+def _recomputed_blocks(modules: list[torch.nn.Module]):
+    """Recompute every DiT block of these models in the backward pass: memory per model call is about one
+    block's activations plus each block's inputs, instead of every block's activations."""
+    blocks = [b for m in modules for name in BLOCK_LISTS for b in getattr(m, name, None) or []]
+    patched = [(b, b.__dict__.get("forward")) for b in blocks]
+    for b in blocks:
+        b.forward = _recomputed(b.forward)  # an instance attribute over the class's forward
+    try:
+        yield
+    finally:
+        for b, before in patched:
+            if before is None:
+                del b.forward
+            else:
+                b.forward = before
+
+
+@contextlib.contextmanager
+def differentiable(modules: list[torch.nn.Module], enabled: bool = True, block_checkpointing: bool = False):
     """Make gradients flow through ComfyUI models inside a node (see the pack's design notes):
     leave inference mode, use normal-tensor frozen weights, set ComfyUI's `in_training` flag (Flux's fused
-    RoPE has no backward otherwise) and copy saved activations. Everything is restored on exit."""
+    RoPE has no backward otherwise) and copy saved activations, or with `block_checkpointing` recompute each DiT
+    block in the backward pass instead of storing its activations. Everything is restored on exit."""
     with torch.inference_mode(False):
         if not enabled:
             yield
@@ -129,7 +214,8 @@ def differentiable(modules: list[torch.nn.Module], enabled: bool = True):
         comfy.model_management.in_training = True
         try:
             with _frozen(modules), torch.enable_grad(), _clone_saved_activations():
-                yield
+                with _recomputed_blocks(modules) if block_checkpointing else contextlib.nullcontext():
+                    yield
         finally:
             comfy.model_management.in_training = saved_flag
 

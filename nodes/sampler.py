@@ -56,6 +56,7 @@ class FMTTSettings:
     search_steps: int = 3
     search_keep: int = 0
     weights: str = "auto"
+    block_checkpointing: bool = True
     output: str = "best"
     output_count: int = 1
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
@@ -150,7 +151,8 @@ def sample_fmtt(settings: FMTTSettings, model, x, sigmas, extra_args=None, callb
     base_modules = [base_model.diffusion_model, vae_module] + list(getattr(spec, "modules", lambda: [])())
 
     def body(companion=None, companion_modules=()):
-        with differentiable(base_modules + list(companion_modules), settings.needs_gradient()):
+        with differentiable(base_modules + list(companion_modules), settings.needs_gradient(),
+                            settings.block_checkpointing):
             return _run_populations(settings, model, x, sig, times, clock, base_model, decode, spec, companion,
                                     extra_args, seed, callback, pbar)
 

@@ -73,12 +73,16 @@ def fmtt_inputs() -> list:
         io.Combo.Input("weights", options=["auto", "eulerian", "advective"], default="auto", advanced=True,
                        tooltip="Importance-weight formula. auto: eulerian for flow-map / ODE look-aheads, "
                                "advective (exact for any look-ahead, one more look-ahead per step) otherwise."),
+        io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
+                         tooltip="Recompute each transformer block (FLUX-family models) in the backward pass instead "
+                                 "of storing its activations: far less memory per reward gradient, about one more "
+                                 "forward pass of time. Results do not change."),
     ]
 
 
 FMTT_KEYS = ("reward", "vae", "lookahead", "mode", "particles", "reward_scale", "eta", "ess_threshold", "resampling",
              "chunk_size", "output", "output_count", "tilt_ramp", "grad_clip", "search_steps", "search_keep",
-             "weights")
+             "weights", "block_checkpointing")
 
 
 def settings_from(kwargs) -> FMTTSettings:

@@ -4,7 +4,8 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
   FMTTTestConditioning   random Flux-shaped CONDITIONING (no text encoder needed)
   FMTTTestNaNReward      an FMTT_REWARD that returns NaN (bad-input test)
   FMTTTestLatentReport   shows a LATENT's values as text (exact comparisons through /history)
-  FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences
+  FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences,
+                         with and without block checkpointing, and the sampler run both ways
 """
 import json
 import sys
@@ -72,8 +73,20 @@ class TestLatentReport(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(text))
 
 
+def block_calls(diffusion_model):
+    """Counts runs of the first double and single block (forward and backward recompute): a hook on a layer
+    inside each block, since a recompute does not go through the block's own __call__."""
+    counts = {"double": 0, "single": 0}
+    layers = {"double": diffusion_model.double_blocks[0].img_attn.qkv,
+              "single": diffusion_model.single_blocks[0].linear1}
+    handles = [layer.register_forward_hook(lambda *a, k=k: counts.__setitem__(k, counts[k] + 1))
+               for k, layer in layers.items()]
+    return counts, handles
+
+
 class TestGradientCheck(io.ComfyNode):
-    """d/dx r(decode(X_t,1(x))) through the real MODEL, by autograd (the pack's bridge) and by central differences."""
+    """d/dx r(decode(X_t,1(x))) through the real MODEL, by autograd (the pack's bridge) and by central differences,
+    with and without block checkpointing; then the FMTT sampler run both ways."""
 
     @classmethod
     def define_schema(cls):
@@ -88,6 +101,7 @@ class TestGradientCheck(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, reward, positive, seed, t, checkpoint, h):
         bridge, core = pack_module("nodes.bridge"), pack_module("fmtt_core")
+        sampler = pack_module("nodes.sampler")
         report = {}
 
         def probe(m, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -96,35 +110,73 @@ class TestGradientCheck(io.ComfyNode):
             fn = lambda xc, sigma: m(xc, sigma, **extra_args)  # noqa: E731
             denoiser = bridge.core_denoiser(fn, clock)
             decode, first_stage = bridge.vae_decoder(vae, base)
-            look = core.ODELookahead(denoiser, steps=2, checkpoint=checkpoint)
-            with bridge.differentiable([base.diffusion_model, first_stage]):
-                g = torch.Generator().manual_seed(seed)
-                x0 = torch.randn(x.shape, generator=g)
-                direction = torch.randn(x.shape, generator=g)
-                tt = torch.full((1,), t)
+            g = torch.Generator().manual_seed(seed)
+            x0 = torch.randn(x.shape, generator=g)
+            direction = torch.randn(x.shape, generator=g)
+            tt = torch.full((1,), t)
 
-                def directional(f, h, along_gradient=False):
-                    z = x0.clone().requires_grad_(True)
-                    grad = torch.autograd.grad(f(z), z)[0]
-                    # Along the gradient the derivative is largest: the float32 noise of the difference quotient
-                    # matters least there.
-                    u = grad / grad.norm() if along_gradient else direction
-                    with torch.no_grad():
-                        fd = (f(x0 + h * u) - f(x0 - h * u)) / (2 * h)
-                    return {"autograd": float((grad * u).sum()), "finite_difference": float(fd)}
+            def objectives(steps_checkpointed):
+                look = core.ODELookahead(denoiser, steps=2, checkpoint=steps_checkpointed)
+                return {"lookahead": lambda z: look(z, tt).square().sum(),
+                        "reward": lambda z: reward(decode(look(z, tt))).sum()}
 
-                # The model alone (smooth), then the whole chain the sampler differentiates.
-                report["lookahead"] = directional(lambda z: look(z, tt).square().sum(), h)
-                report["reward"] = directional(lambda z: reward(decode(look(z, tt))).sum(), h, along_gradient=True)
+            def gradient(f, z):
+                z = z.clone().requires_grad_(True)
+                return torch.autograd.grad(f(z), z)[0]
+
+            def directional(f, h, along_gradient=False):
+                grad = gradient(f, x0)
+                # Along the gradient the derivative is largest: the float32 noise of the difference quotient
+                # matters least there.
+                u = grad / grad.norm() if along_gradient else direction
+                with torch.no_grad():
+                    fd = (f(x0 + h * u) - f(x0 - h * u)) / (2 * h)
+                return {"autograd": float((grad * u).sum()), "finite_difference": float(fd)}
+
+            # (look-ahead steps checkpointed, blocks checkpointed); the last is the sampler's default path.
+            variants = {"plain": (False, False), "blocks": (False, True), "steps_and_blocks": (checkpoint, True)}
+            grads = {}
+            for name, (steps_checkpointed, blocks) in variants.items():
+                fs = objectives(steps_checkpointed)
+                with bridge.differentiable([base.diffusion_model, first_stage], block_checkpointing=blocks):
+                    counts, handles = block_calls(base.diffusion_model)
+                    grads[name] = {k: gradient(f, x0) for k, f in fs.items()}
+                    for handle in handles:
+                        handle.remove()
+                    report[f"block_calls_{name}"] = counts
+                    if name == "steps_and_blocks":  # The model alone (smooth), then the whole chain.
+                        report["lookahead"] = directional(fs["lookahead"], h)
+                        report["reward"] = directional(fs["reward"], h, along_gradient=True)
+            report["gradient_error"] = {
+                name: {k: float((grads[name][k] - grads["plain"][k]).abs().max() / grads["plain"][k].abs().max())
+                       for k in grads["plain"]} for name in ("blocks", "steps_and_blocks")}
             return x
 
         latent = torch.zeros(1, 16, 4, 4)
         sigmas = torch.tensor([1.0, 0.0])
         comfy.sample.sample_custom(model, latent.clone(), 1.0, comfy.samplers.KSAMPLER(probe), sigmas, positive,
                                    positive, latent, seed=seed)
+
+        # The sampler's run path: block checkpointing recomputes blocks and changes nothing in the result.
+        runs = {}
+        noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(seed))
+        for blocks in (False, True):
+            settings = sampler.FMTTSettings(reward=reward, vae=vae, particles=2, block_checkpointing=blocks)
+            counts, handles = block_calls(model.model.diffusion_model)
+            out = comfy.sample.sample_custom(model, noise.clone(), 1.0, settings.sampler(),
+                                             torch.tensor([1.0, 0.75, 0.5, 0.0]), positive, positive, latent, seed=seed)
+            for handle in handles:
+                handle.remove()
+            runs[blocks] = (out, counts)
+        report["sampler"] = {"block_calls_off": runs[False][1], "block_calls_on": runs[True][1],
+                             "max_difference": float((runs[True][0] - runs[False][0]).abs().max()),
+                             "scale": float(runs[False][0].abs().max())}
         report["restored"] = {"in_training": comfy.model_management.in_training,
                               "grad_enabled": torch.is_grad_enabled(),
-                              "inference_mode": torch.is_inference_mode_enabled()}
+                              "inference_mode": torch.is_inference_mode_enabled(),
+                              "block_forward_patched": any("forward" in vars(b) for b in
+                                                           [*model.model.diffusion_model.double_blocks,
+                                                            *model.model.diffusion_model.single_blocks])}
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 

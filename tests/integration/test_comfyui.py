@@ -296,7 +296,15 @@ def test_reward_gradient_through_the_model_matches_finite_differences(comfy):
     assert abs(look["autograd"] - look["finite_difference"]) < 0.01 * abs(look["finite_difference"]), look
     assert reward["autograd"] > 0  # the derivative along the gradient is its norm
     assert abs(reward["autograd"] - reward["finite_difference"]) < 0.05 * reward["autograd"], reward
-    assert report["restored"] == {"in_training": False, "grad_enabled": False, "inference_mode": True}
+    # Block checkpointing (the default): each block runs again in the backward pass, same gradient.
+    assert all(e < 1e-5 for errors in report["gradient_error"].values() for e in errors.values()), json.dumps(report)
+    on, off = report["block_calls_blocks"], report["block_calls_plain"]
+    assert all(on[k] == 2 * off[k] > 0 for k in on), (on, off)
+    run = report["sampler"]
+    assert all(run["block_calls_on"][k] > run["block_calls_off"][k] for k in on), run
+    assert run["max_difference"] <= 1e-5 * run["scale"], run
+    assert report["restored"] == {"in_training": False, "grad_enabled": False, "inference_mode": True,
+                                  "block_forward_patched": False}
 
 
 # ------------------------------------------------------------------ bad inputs: clear errors, server keeps serving
