@@ -15,6 +15,7 @@ class NFE:
     decoder: int = 0    # decoder forwards before the reward
     reward: int = 0     # reward-model forwards
     backward: int = 0   # backward passes (each through reward, decoder and look-ahead)
+    backward_model: int = 0  # model evaluations those backward passes traverse (a 4-jump flow map: 4)
 
     @property
     def model(self) -> int:

@@ -200,9 +200,13 @@ class ParticleLoop:
                 # flow map or companion it would hold a whole model's activations for nothing.
                 with torch.set_grad_enabled(self.lookahead.uses_denoised):
                     d = self.denoise(xg, tc)
+                lookahead_calls = self.nfe.lookahead
                 r = self.score(self.lookahead(xg, tc, denoised=d, nfe=self.nfe))
                 ok = torch.isfinite(r)
+                # The backward pass goes through the look-ahead's model calls, and through D when reused.
+                traversed = self.nfe.lookahead - lookahead_calls
                 self.nfe.add("backward", xc.shape[0])
+                self.nfe.add("backward_model", traversed + (xc.shape[0] if self.lookahead.uses_denoised else 0))
                 objective = torch.where(ok, r, 0).sum() * grad_scale
                 # A reward that ignores its input (constant) has no graph: its gradient is zero.
                 g = (torch.autograd.grad(objective, xg)[0] if objective.requires_grad

@@ -124,9 +124,9 @@ def matched_particles(method: Method, setup: Setup, particles: int, reference: s
 
 
 def network_passes(method: Method, setup: Setup, result: FMTTResult) -> int:
-    """Passes actually made, from fmtt_core's counter: forwards + 2 x backward x networks traversed."""
+    """Passes actually made, from fmtt_core's counter: forwards + 2 x model evaluations back-propagated."""
     nfe = result.nfe
-    return nfe.denoiser + nfe.lookahead + 2 * nfe.backward * method.backward_depth(setup)
+    return nfe.denoiser + nfe.lookahead + 2 * nfe.backward_model
 
 
 def handed_on(method: Method, result: FMTTResult, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:

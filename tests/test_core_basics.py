@@ -108,6 +108,9 @@ def test_nfe_breakdown_counts_every_call():
     assert res.nfe.reward == n * (steps + 1)
     # gradients: every step except the first (lambda_0 = 0) and the last (the jump onto D).
     assert res.nfe.backward == n * (steps - 2)
+    assert res.nfe.backward_model == 3 * res.nfe.backward  # D + 2 ODE calls per backward
+    flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4))
+    assert flow.nfe.backward_model == 4 * flow.nfe.backward  # 4 jumps, D not in the graph
     adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser))  # advective weights: +1 D a step
     assert adv.nfe.lookahead == n * (steps - 1) and adv.nfe.reward == n * (2 * steps + 1)
     zo = run("zero_order", n=n, steps=steps)
