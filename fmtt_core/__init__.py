@@ -7,6 +7,7 @@ from .baselines import FK_POTENTIALS, base_sample, best_of_n, fk_steering, guida
 from .clock import (flow_sigma_to_t, linear_to_ve, noise_from_denoiser, score_from_denoiser, t_to_flow_sigma,
                     t_to_ve_sigma, ve_sigma_to_t, ve_to_linear, velocity_from_denoiser)
 from .errors import FMTTInputError, FMTTNumericalError
+from .files import FMTTFileError, read_safetensors_header
 from .lookahead import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, ODELookahead
 from .nfe import NFE
 from .sampler import MODES, FMTTConfig, FMTTResult, ParticleLoop, StepTrace, fmtt_sample, sde_step
@@ -21,6 +22,6 @@ __all__ = [
     "ess", "resample_indices", "normalize_log_weights", "SCHEMES", "NFE",
     "velocity_from_denoiser", "score_from_denoiser", "noise_from_denoiser",
     "flow_sigma_to_t", "t_to_flow_sigma", "ve_sigma_to_t", "t_to_ve_sigma", "ve_to_linear", "linear_to_ve",
-    "FMTTInputError", "FMTTNumericalError",
+    "FMTTInputError", "FMTTNumericalError", "FMTTFileError", "read_safetensors_header",
 ]
 __version__ = "0.1.0"
