@@ -12,7 +12,7 @@ import torch
 import comfy.samplers
 
 from ..fmtt_core import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, FMTTInputError, ODELookahead
-from .bridge import clock_of, core_denoiser, guided_parts
+from .clocks import clock_of, core_denoiser, guided_parts
 
 
 @dataclass(frozen=True)

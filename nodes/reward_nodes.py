@@ -11,7 +11,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from .. import rewards as R
-from .bridge import normal_tensor
+from .autograd import normal_tensor
 from .folders import REWARDS, TOKENIZER_MARKERS, file_path, folder_path, model_folders, weight_files
 from .types import REWARD_CATEGORY, Reward
 

@@ -20,7 +20,9 @@ import comfy.samplers
 import comfy.utils
 
 from ..fmtt_core import FMTTConfig, FMTTInputError, LinearTilt, RampTilt, fmtt_sample
-from .bridge import (clock_of, core_denoiser, differentiable, guided_parts, normal_tensor, vae_decoder)
+from .autograd import differentiable, normal_tensor
+from .clocks import clock_of, core_denoiser, guided_parts
+from .decoding import vae_decoder
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, describe
 
 OUTPUTS = ("best", "top_k", "weighted_resample")

@@ -85,7 +85,7 @@ def block_calls(diffusion_model):
 
 
 class TestGradientCheck(io.ComfyNode):
-    """d/dx r(decode(X_t,1(x))) through the real MODEL, by autograd (the pack's bridge) and by central differences,
+    """d/dx r(decode(X_t,1(x))) through the real MODEL, by autograd (the pack's autograd) and by central differences,
     with and without block checkpointing; then the FMTT sampler run both ways."""
 
     @classmethod
@@ -100,16 +100,17 @@ class TestGradientCheck(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, reward, positive, seed, t, checkpoint, h):
-        bridge, core = pack_module("nodes.bridge"), pack_module("fmtt_core")
+        clocks, autograd, core = pack_module("nodes.clocks"), pack_module("nodes.autograd"), pack_module("fmtt_core")
+        decoding = pack_module("nodes.decoding")
         sampler = pack_module("nodes.sampler")
         report = {}
 
         def probe(m, x, sigmas, extra_args=None, callback=None, disable=None):
-            guider, base = bridge.guided_parts(m)
-            clock = bridge.clock_of(base.model_sampling)
+            guider, base = clocks.guided_parts(m)
+            clock = clocks.clock_of(base.model_sampling)
             fn = lambda xc, sigma: m(xc, sigma, **extra_args)  # noqa: E731
-            denoiser = bridge.core_denoiser(fn, clock)
-            decode, first_stage = bridge.vae_decoder(vae, base)
+            denoiser = clocks.core_denoiser(fn, clock)
+            decode, first_stage = decoding.vae_decoder(vae, base)
             g = torch.Generator().manual_seed(seed)
             x0 = torch.randn(x.shape, generator=g)
             direction = torch.randn(x.shape, generator=g)
@@ -138,7 +139,7 @@ class TestGradientCheck(io.ComfyNode):
             grads = {}
             for name, (steps_checkpointed, blocks) in variants.items():
                 fs = objectives(steps_checkpointed)
-                with bridge.differentiable([base.diffusion_model, first_stage], block_checkpointing=blocks):
+                with autograd.differentiable([base.diffusion_model, first_stage], block_checkpointing=blocks):
                     counts, handles = block_calls(base.diffusion_model)
                     grads[name] = {k: gradient(f, x0) for k, f in fs.items()}
                     for handle in handles:
