@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 import comfy.model_management
+from comfy.ldm.modules.attention import SpatialTransformer
 
 
 def _normal_weights(module: torch.nn.Module) -> None:
@@ -109,14 +110,25 @@ def _recomputed(block_forward):
     return forward
 
 
-BLOCK_LISTS = ("double_blocks", "single_blocks")  # Flux-family DiTs (Flux, Flux 2, Chroma, HunyuanVideo)
+BLOCK_LISTS = ("double_blocks", "single_blocks",  # Flux-family DiTs (Flux, Flux 2, Chroma, HunyuanVideo)
+               "joint_blocks")  # MMDiT (SD3, SD3.5)
+
+
+def block_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The transformer blocks of a diffusion model that are recomputed, by name: a DiT's block lists, or in a UNet
+    (SD1.x, SDXL) the transformer blocks of each SpatialTransformer (its attention, the bulk of its activations;
+    the UNet's own blocks are not called through their forward, so they cannot be wrapped)."""
+    found = {name: getattr(model, name) for name in BLOCK_LISTS if getattr(model, name, None)}
+    found.update({f"{name}.transformer_blocks": m.transformer_blocks for name, m in model.named_modules()
+                  if isinstance(m, SpatialTransformer) and len(m.transformer_blocks)})
+    return found
 
 
 @contextlib.contextmanager
 def _recomputed_blocks(modules: list[torch.nn.Module]):
-    """Recompute every DiT block of these models in the backward pass: memory per model call is about one
+    """Recompute every transformer block of these models in the backward pass: memory per model call is about one
     block's activations plus each block's inputs, instead of every block's activations."""
-    blocks = [b for m in modules for name in BLOCK_LISTS for b in getattr(m, name, None) or []]
+    blocks = [b for m in modules for blocks in block_lists(m).values() for b in blocks]
     patched = [(b, b.__dict__.get("forward")) for b in blocks]
     for b in blocks:
         b.forward = _recomputed(b.forward)  # an instance attribute over the class's forward

@@ -39,7 +39,17 @@ class Clock:
         return x_lin if self.kind == "flow" else linear_to_ve(x_lin, t)
 
 
-def clock_of(model_sampling) -> Clock:
+SUPPORTED = ("flow models (Flux, SD3 / SD3.5, Z-Image, ...) and noise / v-prediction / x0 / EDM models (SD1.x, "
+             "SDXL and its fine-tunes)")
+
+
+def family_of(base_model) -> str:
+    """'the SDXL model': the family ComfyUI detected for a loaded model (its supported_models class)."""
+    config = getattr(base_model, "model_config", None)
+    return f"the {type(config).__name__ if config is not None else type(base_model).__name__} model"
+
+
+def clock_of(model_sampling, family: str = "the model") -> Clock:
     """The clock of a ComfyUI model_sampling object, or a clear error for parameterisations FMTT cannot drive."""
     ms = comfy.model_sampling
     unsupported = tuple(getattr(ms, n) for n in ("IMG_TO_IMG", "IMG_TO_IMG_FLOW", "V_PREDICTION_DDPM", "COSMOS_RFLOW")
@@ -48,13 +58,14 @@ def clock_of(model_sampling) -> Clock:
     if not isinstance(model_sampling, unsupported):
         if isinstance(model_sampling, ms.CONST):
             if getattr(model_sampling, "noise_scale", 1.0) != 1.0:
-                raise FMTTInputError("FMTT: this flow model scales its noise (noise_scale != 1), which the FMTT "
-                                     "sampler does not support; use a standard flow model (Flux, SD3, Z-Image).")
+                raise FMTTInputError(f"FMTT: {family} scales its noise (noise_scale != 1), which the FMTT sampler "
+                                     f"does not support. FMTT drives {SUPPORTED}.")
             return Clock("flow")
         if isinstance(model_sampling, ms.EPS):
             return Clock("ve")
-    raise FMTTInputError(f"FMTT: the model's sampling type ({name}) is not supported. FMTT drives flow models "
-                         "(Flux, SD3, Z-Image, ...) and noise / v-prediction models (SD1.x, SDXL).")
+    raise FMTTInputError(f"FMTT: {family} samples with a parameterisation ({name}) that FMTT does not support. "
+                         f"FMTT drives {SUPPORTED} (if a ModelSamplingDiscrete node set this type, choose eps, "
+                         "v_prediction, lcm or x0).")
 
 
 def guided_parts(model):

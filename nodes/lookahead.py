@@ -12,7 +12,7 @@ import torch
 import comfy.samplers
 
 from ..fmtt_core import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, FMTTInputError, ODELookahead
-from .clocks import clock_of, core_denoiser, guided_parts
+from .clocks import clock_of, core_denoiser, family_of, guided_parts
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class CompanionModelLookahead:
         def capture(model, x, sigmas, extra_args=None, callback=None, disable=None):
             _, companion_base = guided_parts(model)
             check_companion(base_model, companion_base)
-            clock = clock_of(companion_base.model_sampling)
+            clock = clock_of(companion_base.model_sampling, family_of(companion_base))
             extra_args = dict(extra_args or {})
             fn = lambda xc, sigma: model(xc, sigma, **extra_args)  # noqa: E731
             box["out"] = body(core_denoiser(fn, clock), [companion_base.diffusion_model])
@@ -84,7 +84,8 @@ def check_companion(base_model, companion_base) -> None:
             f"FMTT: the companion model works in another latent space ({comp_fmt.__name__}) than the base model "
             f"({base_fmt.__name__}). A companion must share the base model's latent space, e.g. FLUX.1-schnell "
             "for FLUX.1-dev, or the base model with a Turbo / Lightning LoRA.")
-    if clock_of(base_model.model_sampling).kind != clock_of(companion_base.model_sampling).kind:
+    if (clock_of(base_model.model_sampling, family_of(base_model)).kind
+            != clock_of(companion_base.model_sampling, family_of(companion_base)).kind):
         raise FMTTInputError("FMTT: the companion model is a flow model and the base model is not (or the "
                              "reverse); both must use the same parameterisation.")
 

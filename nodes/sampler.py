@@ -21,7 +21,7 @@ import comfy.utils
 
 from ..fmtt_core import FMTTConfig, FMTTInputError, LinearTilt, RampTilt, fmtt_sample
 from .autograd import differentiable, normal_tensor
-from .clocks import clock_of, core_denoiser, guided_parts
+from .clocks import clock_of, core_denoiser, family_of, guided_parts
 from .decoding import vae_decoder
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, describe
 
@@ -139,7 +139,7 @@ def sample_fmtt(settings: FMTTSettings, model, x, sigmas, extra_args=None, callb
     extra_args = dict(extra_args or {})
     seed = int(extra_args.get("seed") or 0)
     guider, base_model = guided_parts(model)
-    clock = clock_of(base_model.model_sampling)
+    clock = clock_of(base_model.model_sampling, family_of(base_model))
     if float(sigmas[-1]) != 0.0:
         raise FMTTInputError("FMTT: the sigmas must end at 0 (the sampler has to reach the data end to score "
                              "samples). Connect the full schedule, or the low half of SplitSigmas.")

@@ -7,8 +7,10 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
   FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences,
                          with and without block checkpointing, and the sampler run both ways
 """
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -181,9 +183,18 @@ class TestGradientCheck(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 
+def family_nodes():
+    """The model-family suite's test nodes, read from the pack's tests (linked next to this folder)."""
+    path = Path(__file__).resolve().parents[1] / "comfyui-fmtt" / "tests" / "integration" / "family_test_nodes.py"
+    spec = importlib.util.spec_from_file_location("fmtt_family_test_nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NODES
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TestConditioning, TestNaNReward, TestLatentReport, TestGradientCheck]
+        return [TestConditioning, TestNaNReward, TestLatentReport, TestGradientCheck, *family_nodes()]
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,118 @@
+"""Tiny random SD1.5 / SDXL UNets and an SD3.5 MMDiT, built with ComfyUI's own classes so that its loaders detect
+them as those families (run with ComfyUI's python, after tiny_models.py has filled the same base directory):
+
+    python tiny_unets.py COMFYUI_PATH BASE_DIR
+
+ComfyUI recognises a UNet by exact values (comfy/supported_models.py): SD1.5 needs model_channels 320 and
+context_dim 768; SDXL needs model_channels 320, context_dim 2048, adm_in_channels 2816 and per-input-block
+transformer depths [0, 0, 2, 2, 10, 10]. Everything else is free, so these models keep those and shrink the rest:
+one resolution level for SD1.5, channel_mult [1, 1, 1] and no attention in the decoder for SDXL (~0.1 B
+parameters, stored in float16). SD3 is recognised by an MMDiT layout with 16 input channels; its width is
+64 x depth, here depth 2.
+
+Writes, under BASE_DIR/models:
+  checkpoints/tiny_sd15.safetensors          SD1.5 UNet + a 4-channel TAESD as its VAE (CheckpointLoaderSimple)
+  checkpoints/tiny_sdxl.safetensors          SDXL UNet + a 4-channel TAESD as its VAE
+  diffusion_models/tiny_sd15_unet.safetensors  the SD1.5 UNet alone (UNETLoader)
+  diffusion_models/tiny_sd35.safetensors     an SD3.5-style MMDiT (RMS q/k norm), for UNETLoader
+  loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" companion)
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _tiny_models():
+    spec = importlib.util.spec_from_file_location("fmtt_tiny_models", HERE / "tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def unet(family: str, seed: int):
+    """A random UNet that ComfyUI detects as `family` ("sd15" or "sdxl")."""
+    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
+    import comfy.ops
+    common = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
+                  legacy=False, operations=comfy.ops.disable_weight_init)
+    if family == "sd15":
+        net = openaimodel.UNetModel(**common, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                                    transformer_depth_output=[1, 1], transformer_depth_middle=0, context_dim=768,
+                                    use_linear_in_transformer=False, num_heads=8, num_head_channels=-1)
+    elif family == "sdxl":
+        net = openaimodel.UNetModel(**common, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 1],
+                                    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0] * 9,
+                                    transformer_depth_middle=-1, context_dim=2048, use_linear_in_transformer=True,
+                                    adm_in_channels=2816, num_classes="sequential", num_head_channels=64)
+    else:
+        raise ValueError(family)
+    return _tiny_models().init_(net, seed, scale=0.2)
+
+
+def mmdit(seed: int):
+    """A random SD3.5-style MMDiT: 16 latent channels, patch 2, depth 2 (width 128), RMS q/k norm; text context of
+    64 features and a pooled vector of 32 (the shapes of the test conditioning node)."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
+    import comfy.ops
+    net = mmdit_module.MMDiT(
+        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=32,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+        pos_embed_max_size=16, num_patches=256, qk_norm="rms", pos_embed_scaling_factor=None,
+        operations=comfy.ops.disable_weight_init)
+    _tiny_models().init_(net, seed, scale=0.2)
+    with torch.no_grad():  # a buffer, left empty by the class (real checkpoints store it): SD3's sin-cos table
+        table = mmdit_module.get_2d_sincos_pos_embed(net.hidden_size, 16)
+        net.pos_embed.copy_(torch.from_numpy(table).float().unsqueeze(0))
+    return net
+
+
+def lora(state_dict: dict, seed: int, rank: int = 4) -> dict:
+    """A kohya-format LoRA (lora_unet_*) on every attention projection of a UNet, strong enough to change it."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, w in state_dict.items():
+        if ".attn" in key and key.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight")) and w.ndim == 2:
+            name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+            out[name + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) / w.shape[1] ** 0.5
+            out[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.05
+            out[name + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def checkpoint(net: torch.nn.Module, vae: torch.nn.Module) -> dict:
+    """The single-file layout CheckpointLoaderSimple reads (no text encoder: the tests bring their conditioning)."""
+    sd = {f"model.diffusion_model.{k}": v for k, v in net.state_dict().items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    return sd
+
+
+def half(sd: dict) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def main(comfy_path: str, base: str):
+    sys.path.insert(0, comfy_path)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    from safetensors.torch import save_file
+    models = Path(base) / "models"
+    for sub in ("checkpoints", "diffusion_models", "loras"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    taesd = _tiny_models().taesd(4, 4)  # the same tiny 4-channel TAESD as vae/tiny_taesd_4ch.safetensors
+    sd15 = unet("sd15", 11)
+    save_file(checkpoint(sd15, taesd), models / "checkpoints" / "tiny_sd15.safetensors")
+    save_file(sd15.state_dict(), models / "diffusion_models" / "tiny_sd15_unet.safetensors")
+    sdxl = unet("sdxl", 12)
+    save_file(half(checkpoint(sdxl, taesd)), models / "checkpoints" / "tiny_sdxl.safetensors")
+    save_file(lora(sdxl.state_dict(), 13), models / "loras" / "tiny_sdxl_lightning.safetensors")
+    save_file(mmdit(14).state_dict(), models / "diffusion_models" / "tiny_sd35.safetensors")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
