@@ -128,7 +128,8 @@ def block_lists(model: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
 def _recomputed_blocks(modules: list[torch.nn.Module]):
     """Recompute every transformer block of these models in the backward pass: memory per model call is about one
     block's activations plus each block's inputs, instead of every block's activations."""
-    blocks = [b for m in modules for blocks in block_lists(m).values() for b in blocks]
+    # Each block once, also when two models share one network (a companion that is the base model itself).
+    blocks = list({id(b): b for m in modules for blocks in block_lists(m).values() for b in blocks}.values())
     patched = [(b, b.__dict__.get("forward")) for b in blocks]
     for b in blocks:
         b.forward = _recomputed(b.forward)  # an instance attribute over the class's forward

@@ -51,13 +51,23 @@ class CompanionModelLookahead:
             raise FMTTInputError("FMTT: internal error, the companion model was not prepared.")
         return CompanionLookahead(companion, steps=self.steps, solver=self.solver, checkpoint=self.checkpoint)
 
-    def run_with(self, base_model, noise_shape, sigmas, seed, body):
+    def run_with(self, base_patcher, noise_shape, sigmas, seed, body):
         """Run body(companion_denoiser, companion_modules) while ComfyUI has the companion prepared for sampling.
 
         The companion goes through ComfyUI's own sampling entry (CFGGuider.sample) with a sampler function that
         does not sample but runs `body`: ComfyUI loads the model, encodes its conditioning and cleans up exactly
         as for a normal run.
         """
+        base_model = base_patcher.model
+        if self.model.is_clone(base_patcher) and not self.model.clone_has_same_weights(base_patcher):
+            # ComfyUI patches a LoRA into the weights it shares with the base model: while the companion is
+            # loaded, the base model would compute with the LoRA too (a wrong result, silently).
+            raise FMTTInputError(
+                f"FMTT: the companion is {family_of(base_model)} itself with other weight patches (e.g. a Lightning / "
+                "Turbo LoRA on the same loaded checkpoint); ComfyUI patches those into the weights both share, so the "
+                "base model would sample with the LoRA too. Give the companion its own weights: a merged few-step "
+                "checkpoint (e.g. sdxl_lightning_4step_unet.safetensors through UNETLoader, or SDXL-Turbo), or a "
+                "second loader of another file with the LoRA on it.")
         guider = comfy.samplers.CFGGuider(self.model)
         guider.set_conds(self.positive, self.negative if self.negative is not None else self.positive)
         guider.set_cfg(self.cfg)

@@ -161,7 +161,7 @@ def sample_fmtt(settings: FMTTSettings, model, x, sigmas, extra_args=None, callb
     if hasattr(spec, "to"):
         spec.to(x.device)
     if isinstance(spec, CompanionModelLookahead):
-        out = spec.run_with(base_model, x.shape, sigmas, seed, body)
+        out = spec.run_with(guider.model_patcher, x.shape, sigmas, seed, body)
     else:
         out = body()
     settings.diagnostics.seconds = time.perf_counter() - started

@@ -175,8 +175,8 @@ def test_cfg_changes_the_result_and_the_core_sees_the_guided_denoiser(families):
 
 # ------------------------------------------------------------------ the all-in-one node in every mode
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mode", ["exact", "search", "zero_order"])
+@pytest.mark.parametrize("family,mode", [(f, m) for f in ("sd15", "sdxl", "sd35")
+                                         for m in ("exact", "search", "zero_order")] + [("sd15_v", "exact")])
 def test_all_in_one_node_runs_every_mode(families, family, mode):
     particles = 2 if family == "sdxl" else 3
     entry = ok(families.run(ksampler_prompt(family, fresh_seed(), cfg=2.0, mode=mode, particles=particles,
@@ -223,29 +223,40 @@ def test_reward_gradient_through_the_model_matches_finite_differences(families, 
 
 # ------------------------------------------------------------------ SDXL with a Lightning-style companion
 
-def test_sdxl_lightning_lora_companion_lookahead(families):
-    p = ksampler_prompt("sdxl", fresh_seed(), particles=2)
-    p["lightning"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["loader", 0], "lora_name": "tiny_sdxl_lightning.safetensors", "strength_model": 1.0}}
+def companion(p, model):
     p["look"] = {"class_type": "FMTTCompanionLookahead", "inputs": {
-        "model": ["lightning", 0], "positive": ["positive", 0], "cfg": 1.0, "steps": 2, "solver": "euler",
-        "checkpoint": True}}
+        "model": model, "positive": ["positive", 0], "cfg": 1.0, "steps": 2, "solver": "euler", "checkpoint": True}}
     p["ks"]["inputs"]["lookahead"] = ["look", 0]
-    entry = ok(families.run(p))
+    return p
+
+
+def test_sdxl_lightning_unet_as_companion_lookahead(families):
+    p = ksampler_prompt("sdxl", fresh_seed(), particles=2)
+    p["lightning"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sdxl_lightning_unet.safetensors",
+                                                             "weight_dtype": "default"}}
+    entry = ok(families.run(companion(p, ["lightning", 0])))
     summary = entry["outputs"]["summary"]["text"][0]
     assert "companion model, 2 euler steps" in summary, summary
     assert int(summary.split("lookahead ")[1].split(",")[0]) > 0, summary
+
+
+def test_lora_on_the_same_loaded_checkpoint_as_companion_is_refused(families):
+    """ComfyUI patches a LoRA into the weights its clone shares with the base model: the base would sample with
+    the LoRA while the companion is loaded. Refused with the fix, instead of a silently wrong result."""
+    p = ksampler_prompt("sdxl", fresh_seed(), particles=2)
+    p["lightning"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["loader", 0], "lora_name": "tiny_sdxl_lightning.safetensors", "strength_model": 1.0}}
+    entry = families.run(companion(p, ["lightning", 0]))
+    assert entry["status"]["status_str"] == "error"
+    message = error_message(entry)
+    assert "SDXL" in message and "LoRA" in message and "its own weights" in message, message
 
 
 def test_companion_from_another_latent_space_is_refused(families):
     p = ksampler_prompt("sdxl", fresh_seed(), particles=2)
     p["sd35"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd35.safetensors",
                                                         "weight_dtype": "default"}}
-    p["look"] = {"class_type": "FMTTCompanionLookahead", "inputs": {
-        "model": ["sd35", 0], "positive": ["positive", 0], "cfg": 1.0, "steps": 2, "solver": "euler",
-        "checkpoint": True}}
-    p["ks"]["inputs"]["lookahead"] = ["look", 0]
-    entry = families.run(p)
+    entry = families.run(companion(p, ["sd35", 0]))
     assert entry["status"]["status_str"] == "error"
     assert "another latent space (SD3)" in error_message(entry) and "(SDXL)" in error_message(entry)
 
@@ -277,8 +288,8 @@ def family_substitutes(prompt: dict) -> dict:
         kind, inp = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inp["ckpt_name"] = f["ckpt"]
-        elif kind == "LoraLoaderModelOnly":
-            inp["lora_name"] = "tiny_sdxl_lightning.safetensors"
+        elif kind == "UNETLoader":  # the few-step companion's own UNet
+            inp["unet_name"] = "tiny_sdxl_lightning_unet.safetensors"
         elif kind == "CLIPTextEncode":
             prompt[key] = {"class_type": "FMTTTestSDConditioning", "inputs": {
                 "seed": zlib.crc32(inp["text"].encode()) % 2**31, "tokens": 4, "context_dim": f["context_dim"],

@@ -15,7 +15,8 @@ Writes, under BASE_DIR/models:
   checkpoints/tiny_sdxl.safetensors          SDXL UNet + a 4-channel TAESD as its VAE
   diffusion_models/tiny_sd15_unet.safetensors  the SD1.5 UNet alone (UNETLoader)
   diffusion_models/tiny_sd35.safetensors     an SD3.5-style MMDiT (RMS q/k norm), for UNETLoader
-  loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" companion)
+  loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" LoRA)
+  diffusion_models/tiny_sdxl_lightning_unet.safetensors  the SDXL UNet with that LoRA merged (a Lightning UNet)
 """
 from __future__ import annotations
 
@@ -85,6 +86,18 @@ def lora(state_dict: dict, seed: int, rank: int = 4) -> dict:
     return out
 
 
+def merged(state_dict: dict, lora_sd: dict) -> dict:
+    """The UNet with the LoRA merged in (W + alpha / rank * up @ down): a separate few-step checkpoint, as
+    SDXL-Lightning is also distributed (sdxl_lightning_4step_unet.safetensors)."""
+    out = dict(state_dict)
+    for key in state_dict:
+        name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+        if name + ".lora_up.weight" in lora_sd:
+            up, down = lora_sd[name + ".lora_up.weight"], lora_sd[name + ".lora_down.weight"]
+            out[key] = state_dict[key] + float(lora_sd[name + ".alpha"]) / down.shape[0] * up @ down
+    return out
+
+
 def checkpoint(net: torch.nn.Module, vae: torch.nn.Module) -> dict:
     """The single-file layout CheckpointLoaderSimple reads (no text encoder: the tests bring their conditioning)."""
     sd = {f"model.diffusion_model.{k}": v for k, v in net.state_dict().items()}
@@ -110,7 +123,10 @@ def main(comfy_path: str, base: str):
     save_file(sd15.state_dict(), models / "diffusion_models" / "tiny_sd15_unet.safetensors")
     sdxl = unet("sdxl", 12)
     save_file(half(checkpoint(sdxl, taesd)), models / "checkpoints" / "tiny_sdxl.safetensors")
-    save_file(lora(sdxl.state_dict(), 13), models / "loras" / "tiny_sdxl_lightning.safetensors")
+    lightning = lora(sdxl.state_dict(), 13)
+    save_file(lightning, models / "loras" / "tiny_sdxl_lightning.safetensors")
+    save_file(half(merged(sdxl.state_dict(), lightning)),
+              models / "diffusion_models" / "tiny_sdxl_lightning_unet.safetensors")
     save_file(mmdit(14).state_dict(), models / "diffusion_models" / "tiny_sd35.safetensors")
 
 
