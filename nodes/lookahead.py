@@ -93,7 +93,7 @@ def check_companion(base_model, companion_base) -> None:
         raise FMTTInputError(
             f"FMTT: the companion model works in another latent space ({comp_fmt.__name__}) than the base model "
             f"({base_fmt.__name__}). A companion must share the base model's latent space, e.g. FLUX.1-schnell "
-            "for FLUX.1-dev, or the base model with a Turbo / Lightning LoRA.")
+            "for FLUX.1-dev, or the SDXL-Lightning / Turbo UNet for SDXL.")
     if (clock_of(base_model.model_sampling, family_of(base_model)).kind
             != clock_of(companion_base.model_sampling, family_of(companion_base)).kind):
         raise FMTTInputError("FMTT: the companion model is a flow model and the base model is not (or the "

@@ -231,7 +231,7 @@ class CompanionLookaheadNode(io.ComfyNode):
         return io.Schema(
             node_id="FMTTCompanionLookahead", display_name="FMTT Look-ahead (companion model)", category=CATEGORY,
             description="Look-ahead with a few-step model sharing the latent space (FLUX.1-schnell for FLUX.1-dev, "
-                        "a Turbo / Lightning LoRA model), run for k steps with its own conditioning.",
+                        "the SDXL-Lightning / Turbo UNet for SDXL), run for k steps with its own conditioning.",
             inputs=[
                 io.Model.Input("model", tooltip="The companion model (same latent space as the sampled model)."),
                 io.Conditioning.Input("positive", tooltip="The companion's conditioning (encode the prompt with "
