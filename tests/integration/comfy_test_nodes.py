@@ -101,7 +101,7 @@ class TestGradientCheck(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, reward, positive, seed, t, checkpoint, h):
         bridge, core = pack_module("nodes.bridge"), pack_module("fmtt_core")
-        sampler = pack_module("nodes.sampler")
+        settings_module, sampler = pack_module("nodes.settings"), pack_module("nodes.comfy_sampler")
         report = {}
 
         def probe(m, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -161,9 +161,9 @@ class TestGradientCheck(io.ComfyNode):
         runs = {}
         noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(seed))
         for blocks in (False, True):
-            settings = sampler.FMTTSettings(reward=reward, vae=vae, particles=2, block_checkpointing=blocks)
+            settings = settings_module.FMTTSettings(reward=reward, vae=vae, particles=2, block_checkpointing=blocks)
             counts, handles = block_calls(model.model.diffusion_model)
-            out = comfy.sample.sample_custom(model, noise.clone(), 1.0, settings.sampler(),
+            out = comfy.sample.sample_custom(model, noise.clone(), 1.0, sampler.ksampler(settings),
                                              torch.tensor([1.0, 0.75, 0.5, 0.0]), positive, positive, latent, seed=seed)
             for handle in handles:
                 handle.remove()
