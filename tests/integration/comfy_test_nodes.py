@@ -3,6 +3,7 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
 
   FMTTTestConditioning   random Flux-shaped CONDITIONING (no text encoder needed)
   FMTTTestNaNReward      an FMTT_REWARD that returns NaN (bad-input test)
+  FMTTTestLinearReward   an FMTT_REWARD with a gradient as steep as asked (run-warning test)
   FMTTTestLatentReport   shows a LATENT's values as text (exact comparisons through /history)
   FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences,
                          with and without block checkpointing, and the sampler run both ways
@@ -58,6 +59,30 @@ class TestNaNReward(io.ComfyNode):
     @classmethod
     def execute(cls):
         return io.NodeOutput(NaNReward())
+
+
+class LinearReward(torch.nn.Module):
+    name = "linear test reward"
+
+    def __init__(self, slope):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, images):
+        return self.slope * images.mean((1, 2, 3))
+
+
+class TestLinearReward(io.ComfyNode):
+    """slope x mean brightness: a reward whose gradient is as steep as asked (run-warning tests)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestLinearReward", category="testing",
+                         inputs=[io.Float.Input("slope", default=1.0, min=-1e9, max=1e9)], outputs=[Reward.Output()])
+
+    @classmethod
+    def execute(cls, slope):
+        return io.NodeOutput(LinearReward(slope))
 
 
 class TestLatentReport(io.ComfyNode):
@@ -182,7 +207,7 @@ class TestGradientCheck(io.ComfyNode):
 
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TestConditioning, TestNaNReward, TestLatentReport, TestGradientCheck]
+        return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck]
 
 
 async def comfy_entrypoint():
