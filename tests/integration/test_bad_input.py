@@ -223,3 +223,28 @@ def test_the_server_still_serves_a_normal_prompt(comfy, object_info):
     assert status == "success", error
     assert "FMTT exact" in summary and not any(line.startswith("WARNING") for line in summary.splitlines())
     assert math.isfinite(float(summary.split("final reward best ")[1].split(",")[0]))
+
+
+def test_damaged_reward_files_are_named_with_the_fix(comfy, object_info):
+    """A truncated weights file and a model folder whose weights are garbage, picked in the CLIP reward node."""
+    rewards = comfy.base / "models" / "reward_models"
+    good = (rewards / "tiny_clip" / "model.safetensors").read_bytes()
+    (rewards / "truncated_clip.safetensors").write_bytes(good[: len(good) // 3])
+    folder = rewards / "garbage_clip"
+    folder.mkdir(exist_ok=True)
+    for f in (rewards / "tiny_clip").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "model.safetensors").write_bytes(b"<html>502 Bad Gateway</html>" * 50)
+    for model, file, said in (("truncated_clip.safetensors", rewards / "truncated_clip.safetensors", "truncated"),
+                              ("garbage_clip", folder / "model.safetensors", "not a valid safetensors file")):
+        p = prompt_for("FMTTKSampler", object_info)
+        p["x"]["inputs"]["reward"] = ["clip", 0]
+        p["clip"] = {"class_type": "FMTTCLIPScoreReward", "inputs": {
+            "model": model, "open_clip_arch": "ViT-B-32", "prompt": "a red cat", "scale": "logit", "dtype": "auto"}}
+        status, body = comfy.submit(p)
+        assert status == 200, body
+        entry = comfy.wait(body["prompt_id"])
+        error = next(d for k, d in entry["status"]["messages"] if k == "execution_error")
+        assert error["node_type"] == "FMTTCLIPScoreReward", error
+        assert str(file) in error["exception_message"] and said in error["exception_message"], error
+        assert "Download or copy it again" in error["exception_message"], error
