@@ -3,8 +3,14 @@ every widget of every FMTT node is refused with HTTP 400 naming the input and it
 problems and runs that cannot fit in memory fail with one clear message; and the server keeps serving."""
 from __future__ import annotations
 
+import base64
 import json
 import math
+import os
+import socket
+import struct
+import time
+import urllib.parse
 
 import pytest
 
@@ -202,6 +208,57 @@ def test_memory_guard_refuses_what_cannot_fit_and_chooses_the_chunk_size(comfy, 
     assert "memory: chunk size 3 of 3 particles (automatic)" in summary, summary
 
 
+class Frames:
+    """A minimal websocket client of ComfyUI's /ws (the standard library has none): reads what the frontend reads."""
+
+    def __init__(self, url: str):
+        parts = urllib.parse.urlparse(url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId=fmtt-test HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+                          .encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("websocket closed")
+            data += chunk
+        return data
+
+    def binary_messages(self, seconds: float):
+        """Binary frames (ComfyUI's previews and node texts) arriving within `seconds`."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            try:
+                b0, b1 = self._exact(2)
+            except socket.timeout:
+                continue
+            n = b1 & 0x7F
+            n = struct.unpack(">H", self._exact(2))[0] if n == 126 else struct.unpack(">Q", self._exact(8))[0] \
+                if n == 127 else n
+            payload = self._exact(n)
+            if b0 & 0x0F == 2:
+                yield payload
+
+    def close(self):
+        self.sock.close()
+
+
+def node_texts(frames: Frames, seconds: float):
+    """(node id, text) of ComfyUI's progress-text events (BinaryEventTypes.TEXT = 3) shown under nodes."""
+    for payload in frames.binary_messages(seconds):
+        if struct.unpack(">I", payload[:4])[0] == 3:
+            n = struct.unpack(">I", payload[4:8])[0]
+            yield payload[8:8 + n].decode(), payload[8 + n:].decode()
+
+
 def test_warnings_reach_the_summary_and_blown_up_results_are_flagged(comfy, object_info):
     p = prompt_for("FMTTKSampler", object_info)
     # The issue's extreme but allowed settings (reward scale 1e5, eta 10) on a reward with a steep gradient.
@@ -209,8 +266,14 @@ def test_warnings_reach_the_summary_and_blown_up_results_are_flagged(comfy, obje
     p["x"]["inputs"]["reward"] = ["steep", 0]
     p["steep"] = {"class_type": "FMTTTestLinearReward", "inputs": {"slope": 1000.0}}
     p["summary"] = {"class_type": "PreviewAny", "inputs": {"source": ["x", 2]}}
-    entry = comfy.wait(comfy.submit(p)[1]["prompt_id"])
+    frames = Frames(comfy.url)
+    try:
+        entry = comfy.wait(comfy.submit(p)[1]["prompt_id"])
+        shown = [(node, text) for node, text in node_texts(frames, 3.0) if "FMTT warnings" in text]
+    finally:
+        frames.close()
     assert entry["status"]["status_str"] == "success"
+    assert shown and shown[0][0] == "x" and "far outside the model's range" in shown[0][1], shown  # on the node
     summary = entry["outputs"]["summary"]["text"][0]
     warnings = [line for line in summary.splitlines() if line.startswith("WARNING:")]
     assert any("far outside the model's range" in w for w in warnings), summary
