@@ -12,6 +12,7 @@ import struct
 import time
 import urllib.parse
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -266,6 +267,7 @@ def test_warnings_reach_the_summary_and_blown_up_results_are_flagged(comfy, obje
     p["x"]["inputs"]["reward"] = ["steep", 0]
     p["steep"] = {"class_type": "FMTTTestLinearReward", "inputs": {"slope": 1000.0}}
     p["summary"] = {"class_type": "PreviewAny", "inputs": {"source": ["x", 2]}}
+    p["plot"] = {"class_type": "PreviewImage", "inputs": {"images": ["x", 1]}}
     frames = Frames(comfy.url)
     try:
         entry = comfy.wait(comfy.submit(p)[1]["prompt_id"])
@@ -279,6 +281,11 @@ def test_warnings_reach_the_summary_and_blown_up_results_are_flagged(comfy, obje
     assert any("far outside the model's range" in w for w in warnings), summary
     assert any("reward gradient moves a particle" in w for w in warnings), summary
     assert "FMTT warnings:" in comfy.log.read_text()
+    from PIL import Image  # the plot lists the warnings in red under its two panels (2 x 200 + 36 px)
+    image = entry["outputs"]["plot"]["images"][0]
+    with Image.open(comfy.base / image["type"] / image["subfolder"] / image["filename"]) as im:
+        below = np.asarray(im.convert("RGB"))[436:].reshape(-1, 3).astype(int)
+        assert im.height > 436 and ((below[:, 0] > 150) & (below[:, 1] < 100)).any(), im.size
 
 
 def test_the_server_still_serves_a_normal_prompt(comfy, object_info):
