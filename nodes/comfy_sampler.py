@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -93,11 +94,14 @@ class Sampling:
                                  config=s.config(particle_seed(self.seed, b, STREAM_SAMPLER), self.chunk_size),
                                  callback=lambda info: self.on_step(b, info))
         diag.runs.append(result)
+        similar = {}  # the core warns per step: one line per kind of warning, with how often it came
         for w in caught:
             if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("FMTT"):
-                diag.warn(f"[{b}] {w.message}")
+                similar.setdefault(re.sub(r"\d[\d.e+-]*", "#", str(w.message)), []).append(str(w.message))
             else:  # not ours: hand it on as if it had not been caught
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for texts in similar.values():
+            diag.warn(f"[{b}] {texts[0]}" + (f" (and {len(texts) - 1} more step(s) alike)" if len(texts) > 1 else ""))
         self._check_range(b, result.samples, x_init)
         k = 1 if s.output == "best" else s.output_count
         picked = result.pick({"weighted_resample": "resample"}.get(s.output, s.output), k=k,

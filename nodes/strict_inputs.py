@@ -41,6 +41,8 @@ def handler(node_classes):
             known = widgets.get(node.get("class_type")) if isinstance(node, dict) else None
             inputs = node.get("inputs") if known else None
             for name, value in (inputs.items() if isinstance(inputs, dict) else ()):
+                if isinstance(value, dict) and "__value__" in value:  # ComfyUI's wrapper for list-like values
+                    value = value["__value__"]
                 problem = value_problem(known[name], value) if name in known else None
                 if problem is not None:
                     inputs[name] = problem  # not a number: ComfyUI's conversion refuses it, naming the input
