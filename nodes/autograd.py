@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 import comfy.model_management
+import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
 

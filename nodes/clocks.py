@@ -11,13 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import comfy.model_management
 import comfy.model_sampling
+import torch
 
-from ..fmtt_core import (FMTTInputError, flow_sigma_to_t, linear_to_ve, t_to_flow_sigma, t_to_ve_sigma,
-                         ve_sigma_to_t, ve_to_linear)
+from ..fmtt_core import (
+    FMTTInputError,
+    flow_sigma_to_t,
+    linear_to_ve,
+    t_to_flow_sigma,
+    t_to_ve_sigma,
+    ve_sigma_to_t,
+    ve_to_linear,
+)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """Differentiable decoding of latents to images for the reward, through the model's own VAE."""
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
+import torch
 
 from ..fmtt_core import FMTTInputError
 

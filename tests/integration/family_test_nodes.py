@@ -7,10 +7,9 @@
 import json
 import sys
 
-import torch
-
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy_api.latest import io, ui
 
 Reward = io.Custom("FMTT_REWARD")

@@ -113,13 +113,13 @@ def fmtt_custom_prompt(family, seed, cfg, denoise=1.0):
                 "resampling": "systematic", "chunk_size": 0, "output": "best", "output_count": 1, "tilt_ramp": 1.0,
                 "grad_clip": 0.0, "search_steps": 2, "search_keep": 0, "weights": "auto",
                 "block_checkpointing": True}
-    sampler = lambda vae: {"class_type": "FMTTSampler",  # noqa: E731
+    sampler = lambda vae: {"class_type": "FMTTSampler",
                            "inputs": {"reward": ["reward", 0], "vae": vae, **settings}}
     return custom_prompt(family, seed, sampler, cfg, denoise=denoise)
 
 
 def euler_prompt(family, seed, cfg, denoise=1.0):
-    sampler = lambda vae: {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}  # noqa: E731
+    sampler = lambda vae: {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
     return custom_prompt(family, seed, sampler, cfg, denoise=denoise)
 
 
@@ -133,7 +133,7 @@ def ksampler_prompt(family, seed, cfg=2.0, steps=3, lookahead=None, **fmtt):
     p["ks"] = {"class_type": "FMTTKSampler", "inputs": {
         "model": model, "seed": seed, "steps": steps, "cfg": cfg, "scheduler": "normal", "positive": ["positive", 0],
         "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0, "reward": ["reward", 0],
-        "vae": vae, **{**settings, **fmtt}}}
+        "vae": vae, **settings, **fmtt}}
     if lookahead:
         p["look"] = lookahead
         p["ks"]["inputs"]["lookahead"] = ["look", 0]

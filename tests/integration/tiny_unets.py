@@ -38,8 +38,8 @@ def _tiny_models():
 
 def unet(family: str, seed: int):
     """A random UNet that ComfyUI detects as `family` ("sd15" or "sdxl")."""
-    import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
     import comfy.ops
+    from comfy.ldm.modules.diffusionmodules import openaimodel
     common = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
                   legacy=False, operations=comfy.ops.disable_weight_init)
     if family == "sd15":
