@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 
 from ..fmtt_core import MODES, SCHEMES
 from . import diagnostics as diag
-from .flow_map_file import load_flow_map
+from ..fmtt_core.flow_maps import load_flow_map
 from .folders import FLOW_MAPS, file_path
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
 from .sampler import OUTPUTS, FMTTSettings
