@@ -21,7 +21,7 @@ import comfy.utils
 
 from ..fmtt_core import FMTTConfig, FMTTInputError, LinearTilt, RampTilt, fmtt_sample
 from .bridge import (clock_of, core_denoiser, differentiable, guided_parts, normal_tensor, vae_decoder)
-from .lookahead import BaseModelLookahead, CompanionModelLookahead, describe
+from .lookahead import BaseModelLookahead, LookaheadSpec, describe
 
 OUTPUTS = ("best", "top_k", "weighted_resample")
 
@@ -71,7 +71,7 @@ class FMTTSettings:
                                  f"particles ({self.particles}) for output 'top_k'.")
         if self.reward is None or not callable(self.reward):
             raise FMTTInputError("FMTT: the reward input is not an FMTT reward; connect an FMTT reward node.")
-        if self.lookahead is not None and not hasattr(self.lookahead, "build"):
+        if self.lookahead is not None and not isinstance(self.lookahead, LookaheadSpec):
             raise FMTTInputError("FMTT: the lookahead input is not an FMTT look-ahead; connect an FMTT look-ahead node.")
 
     def config(self, seed: int) -> FMTTConfig:
@@ -148,7 +148,7 @@ def sample_fmtt(settings: FMTTSettings, model, x, sigmas, extra_args=None, callb
     steps = len(sigmas) - 1
     pbar = None if callback is not None else comfy.utils.ProgressBar(steps)
     spec = settings.lookahead if settings.lookahead is not None else BaseModelLookahead("denoiser")
-    base_modules = [base_model.diffusion_model, vae_module] + list(getattr(spec, "modules", lambda: [])())
+    base_modules = [base_model.diffusion_model, vae_module] + list(spec.modules())
 
     def body(companion=None, companion_modules=()):
         with differentiable(base_modules + list(companion_modules), settings.needs_gradient(),
@@ -156,12 +156,7 @@ def sample_fmtt(settings: FMTTSettings, model, x, sigmas, extra_args=None, callb
             return _run_populations(settings, model, x, sig, times, clock, base_model, decode, spec, companion,
                                     extra_args, seed, callback, pbar)
 
-    if hasattr(spec, "to"):
-        spec.to(x.device)
-    if isinstance(spec, CompanionModelLookahead):
-        out = spec.run_with(base_model, x.shape, sigmas, seed, body)
-    else:
-        out = body()
+    out = spec.run_with(base_model, x, sigmas, seed, body)
     settings.diagnostics.seconds = time.perf_counter() - started
     return out
 
