@@ -105,11 +105,12 @@ class FluxFlowMapPatch:
             down, up = tensors[layer.down].float(), tensors[layer.up].float()
             out_rows = rows[1] if rows is not None else state[key].shape[0]
             if state[key].ndim != 2 or down.shape[1] != state[key].shape[1] or up.shape[0] != out_rows:
-                wrong.append(f"{name}: LoRA {tuple(up.shape[:1]) + tuple(down.shape[1:])}, model {tuple(state[key].shape)}")
+                wrong.append(f"{name}: LoRA {(up.shape[0], down.shape[1])}, model {tuple(state[key].shape)}")
                 continue
             patch.pieces.setdefault(_module_path(key), []).append(
                 _Piece(down, up, layer.scale * strength, rows, function))
-        diffusers_to_comfy = comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="diffusion_model.")
+        diffusers_to_comfy = comfy.utils.flux_to_diffusers(base.model_config.unet_config,
+                                                           output_prefix="diffusion_model.")
         for name, value in [*info.second.items(), *info.second_full.items()]:
             sub = name if name in info.second else name.rsplit(".", 1)[0]
             target = diffusers_to_comfy.get(f"time_text_embed.{sub}.weight")

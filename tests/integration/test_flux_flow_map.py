@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("fmtt_test_comfyui_builders", Path(__file__).with_name("test_comfyui.py"))
+_spec = importlib.util.spec_from_file_location("fmtt_test_comfyui_builders",
+                                               Path(__file__).with_name("test_comfyui.py"))
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 custom_prompt, error_message, fmtt_sampler, latent_of, ok = (_base.custom_prompt, _base.error_message,

@@ -3,7 +3,7 @@ called by tiny_models.py).
 
 Writes, under BASE_DIR:
   models/diffusion_models/tiny_flux_dev_fm.safetensors  a diffusers tiny FluxTransformer2DModel converted to ComfyUI's
-                                                        Flux layout with ComfyUI's own mapping (comfy.utils.flux_to_diffusers)
+                                                        Flux layout with ComfyUI's own mapping (flux_to_diffusers)
   models/loras/tiny_flux_flowmap_lora.safetensors       FMRG-style two-time LoRA for it, saved by diffusers
   models/loras/tiny_flux_style_lora.safetensors         an ordinary FLUX LoRA (bad-input case)
   models/loras/tiny_sdxl_lora.safetensors               a LoRA with SDXL key names (bad-input case)
@@ -28,7 +28,8 @@ CHAIN = (0.9, 0.6, 0.3, 0.0)  # three equal jumps in t from t = 0.1 to 1: the lo
 
 
 def reference_module():
-    spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_reference", HERE.parent / "flux_flow_map_reference.py")
+    spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_reference",
+                                                  HERE.parent / "flux_flow_map_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,9 +63,9 @@ def build(base: Path) -> None:
     for sub in ("diffusion_models", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)
     diffusers_model = ref.tiny_transformer()
-    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=128,
-                  mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
-                  patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
+    config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+                  hidden_size=128, mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                  theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True, txt_ids_dims=[])
     comfy_model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, **config)
     comfy_model.load_state_dict(to_comfy(diffusers_model.state_dict(), config), strict=True)
     save_file({k: v.contiguous() for k, v in comfy_model.state_dict().items()},
