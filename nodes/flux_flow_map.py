@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 import comfy.lora
 import comfy.model_base
+import comfy.model_management
 import comfy.utils
 from comfy.ldm.flux.layers import timestep_embedding
 
@@ -102,7 +104,7 @@ class FluxFlowMapPatch:
                 unmatched.append(name)
                 continue
             key, rows, function = _split_target(target)
-            down, up = tensors[layer.down].float(), tensors[layer.up].float()
+            down, up = tensors[layer.down], tensors[layer.up]  # kept as stored; moved once per sampling run
             out_rows = rows[1] if rows is not None else state[key].shape[0]
             if state[key].ndim != 2 or down.shape[1] != state[key].shape[1] or up.shape[0] != out_rows:
                 wrong.append(f"{name}: LoRA {(up.shape[0], down.shape[1])}, model {tuple(state[key].shape)}")
@@ -171,14 +173,19 @@ class FluxFlowMapPatch:
             raise FMTTInputError("FMTT: the flow-map LoRA look-ahead was loaded on another model than the one being "
                                  "sampled; connect the same FLUX.1-dev MODEL to both.")
         dm = base_model.diffusion_model
-        device = next(dm.parameters()).device
+        device = comfy.model_management.get_torch_device()
+        dtype = base_model.get_dtype_inference()
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
         saved = []
 
         def replace(module, forward):
             saved.append((module, module.__dict__.get("forward")))
             module.forward = forward
 
-        for path, pieces in self.pieces.items():
+        with torch.inference_mode(False):  # on the compute device once, not at every call
+            on_device = {path: [dataclasses.replace(p, down=p.down.to(device, dtype), up=p.up.to(device, dtype))
+                                for p in pieces] for path, pieces in self.pieces.items()}
+        for path, pieces in on_device.items():
             module = dm.get_submodule(path)
             replace(module, _lora_forward(module.forward, pieces, module.weight.shape[0]))
         for embedder, copy in self._second_embedders(dm, device).items():
