@@ -88,12 +88,15 @@ def test_few_step_flow_map_sampler_and_its_best_of_n(comfy):
     ("tiny_sdxl_lora.safetensors", "model", "LoRA for SD1.x / SDXL"),
     ("tiny_truncated_lora.safetensors", "model", "truncated"),
     (LORA, "schnell", "match nothing in this FLUX model"),
-], ids=["ordinary_flux_lora", "other_family", "truncated", "keys_match_nothing"])
+    (LORA, "sd3", "not FLUX.1"),
+], ids=["ordinary_flux_lora", "other_family", "truncated", "keys_match_nothing", "not_a_flux_model"])
 def test_wrong_files_and_models_are_refused_and_the_server_keeps_serving(comfy, lora, model, expected):
     p = custom_prompt(fresh_seed(), {"class_type": "FMTTFlowMapSampler", "inputs": {"flow_map": ["look", 0],
                                                                                     "candidates": 1}})
     p["schnell"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_schnell.safetensors",
                                                            "weight_dtype": "default"}}
+    p["sd3"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3_not_flux.safetensors",
+                                                       "weight_dtype": "default"}}
     p["look"] = flow_map_lookahead(lora=lora, model=model)
     entry = comfy.run(p)
     assert entry["status"]["status_str"] == "error" and expected in error_message(entry), error_message(entry)

@@ -8,6 +8,7 @@ Writes, under BASE_DIR:
   models/loras/tiny_flux_style_lora.safetensors         an ordinary FLUX LoRA (bad-input case)
   models/loras/tiny_sdxl_lora.safetensors               a LoRA with SDXL key names (bad-input case)
   models/loras/tiny_truncated_lora.safetensors          the flow-map LoRA cut in half (bad-input case)
+  models/diffusion_models/tiny_sd3_not_flux.safetensors an SD3-style MMDiT, detected as SD3 (the non-FLUX MODEL case)
   fmtt_reference/flux_flow_map.safetensors              inputs and diffusers' X(x; sigma -> sigma') for the comparison
 """
 from __future__ import annotations
@@ -54,6 +55,22 @@ def to_comfy(diffusers_sd: dict, unet_config: dict) -> dict:
     return out
 
 
+def not_flux():
+    """An SD3-style MMDiT that ComfyUI's loader detects as SD3 (16 latent channels, patch 2, depth 2); only loaded,
+    never run. The same layout as the model-family suite's tiny SD3.5."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ops
+    net = mmdit.MMDiT(input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=2, adm_in_channels=32,
+                      context_embedder_config={"target": "torch.nn.Linear",
+                                               "params": {"in_features": 64, "out_features": 128}},
+                      pos_embed_max_size=16, num_patches=256, qk_norm="rms", pos_embed_scaling_factor=None,
+                      operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            t.zero_()
+    return net
+
+
 def build(base: Path) -> None:
     import comfy.ldm.flux.model
     import comfy.ops
@@ -71,6 +88,7 @@ def build(base: Path) -> None:
     save_file({k: v.contiguous() for k, v in comfy_model.state_dict().items()},
               models / "diffusion_models" / "tiny_flux_dev_fm.safetensors")
 
+    save_file(not_flux().state_dict(), models / "diffusion_models" / "tiny_sd3_not_flux.safetensors")
     lora = ref.save_flow_map_lora(diffusers_model, models / "loras" / "tiny_flux_flowmap_lora.safetensors")
     ref.save_plain_lora(diffusers_model, models / "loras" / "tiny_flux_style_lora.safetensors")
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
