@@ -13,9 +13,9 @@ import comfy.samplers
 import comfy.utils
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
-from .bridge import clock_of, core_denoiser, guided_parts, vae_decoder
+from .bridge import clock_of, core_denoiser, guided_parts, normal_tensor, vae_decoder
+from .comfy_sampler import STREAM_NOISE, _max_denoise, particle_seed
 from .lookahead import LookaheadSpec
-from .sampler import _inpaint_view, _population
 
 
 def check_spec(spec) -> None:
@@ -23,6 +23,28 @@ def check_spec(spec) -> None:
         raise FMTTInputError("FMTT Flow-Map Sampler: connect a flow-map look-ahead (FMTT Look-ahead (FLUX flow-map "
                              "LoRA) or FMTT Look-ahead (flow map file)); base-model and companion look-aheads are "
                              "not flow maps.")
+
+
+def _model_fn(model, extra_args, b: int):
+    """ComfyUI's model call restricted to latent b (its inpainting latent, noise and mask), as the FMTT sampler's."""
+    view = comfy.samplers.KSamplerX0Inpaint(model.inner_model, model.sigmas)
+    pick = lambda t: None if t is None else normal_tensor(t[b % t.shape[0]:b % t.shape[0] + 1])  # noqa: E731
+    view.latent_image, view.noise = pick(model.latent_image), pick(getattr(model, "noise", None))
+    mask = pick(extra_args.get("denoise_mask"))
+    options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
+    return lambda xc, sigma: view(xc, sigma, denoise_mask=mask, model_options=options, seed=seed)
+
+
+def _candidates(model, x, b: int, n: int, seed: int, sigma0: float, base_model) -> torch.Tensor:
+    """n starting points for latent b: ComfyUI's own noised latent, then the FMTT sampler's seeded particles."""
+    latent = model.latent_image[b:b + 1] if model.latent_image is not None else torch.zeros_like(x[:1])
+    rows = [x[b:b + 1]]
+    for p in range(1, n):
+        g = torch.Generator().manual_seed(particle_seed(seed, b, STREAM_NOISE, p))
+        noise = torch.randn(x.shape[1:], generator=g, dtype=torch.float32).unsqueeze(0).to(x.device, x.dtype)
+        rows.append(base_model.model_sampling.noise_scaling(torch.tensor(sigma0).to(x.device), noise,
+                                                            latent.to(x.device), _max_denoise(base_model, sigma0)))
+    return torch.cat(rows)
 
 
 def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -38,21 +60,14 @@ def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=
     times = clock.t(sigmas.detach().float().cpu()).tolist()
     steps = len(times) - 1
     pbar = comfy.utils.ProgressBar(steps * x.shape[0]) if callback is None else None
-    model_options = extra_args.get("model_options", {})
 
     def body(companion=None, companion_modules=()):
         outputs = []
         for b in range(x.shape[0]):
-            view, pick = _inpaint_view(model, b)
-            mask_b = pick(extra_args.get("denoise_mask"))
-
-            def model_fn(xc, sigma, view=view, mask_b=mask_b):
-                return view(xc, sigma, denoise_mask=mask_b, model_options=model_options, seed=extra_args.get("seed"))
-
-            look = spec.build(core_denoiser(model_fn, clock), companion)
+            look = spec.build(core_denoiser(_model_fn(model, extra_args, b), clock), companion)
             if not isinstance(look, FlowMapLookahead):
                 raise FMTTInputError("FMTT Flow-Map Sampler: the look-ahead is not a flow map.")
-            z = _population(model, x, b, candidates, seed, float(sigmas[0]), base_model)
+            z = _candidates(model, x, b, candidates, seed, float(sigmas[0]), base_model)
             for k in range(steps):
                 z_next = look.flow_map(z, torch.tensor(times[k]), torch.tensor(times[k + 1]))
                 if callback is not None:
