@@ -208,10 +208,10 @@ class TestGradientCheck(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 
-def family_nodes():
-    """The model-family suite's test nodes, read from the pack's tests (linked next to this folder)."""
-    path = Path(__file__).resolve().parents[1] / "comfyui-fmtt" / "tests" / "integration" / "family_test_nodes.py"
-    spec = importlib.util.spec_from_file_location("fmtt_family_test_nodes", path)
+def pack_test_nodes(filename):
+    """The NODES of a test-node module in the pack's tests/integration/ (the pack is linked next to this folder)."""
+    path = Path(__file__).resolve().parents[1] / "comfyui-fmtt" / "tests" / "integration" / filename
+    spec = importlib.util.spec_from_file_location("fmtt_" + Path(filename).stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.NODES
@@ -220,7 +220,7 @@ def family_nodes():
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
         return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck,
-                *family_nodes()]
+                *pack_test_nodes("flux_flow_map_test_nodes.py"), *pack_test_nodes("family_test_nodes.py")]
 
 
 async def comfy_entrypoint():
