@@ -191,11 +191,11 @@ def check_contract(reward, reward64):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
     x64 = images(b=2, seed=1, dtype=torch.float64).requires_grad_(True)
-    reward64.score(x64).sum().backward()
+    reward64.evaluate(x64).sum().backward()
     direction = torch.randn(x64.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     h = 1e-4
     with torch.no_grad():
-        fd = (reward64.score(x64 + h * direction).sum() - reward64.score(x64 - h * direction).sum()) / (2 * h)
+        fd = (reward64.evaluate(x64 + h * direction).sum() - reward64.evaluate(x64 - h * direction).sum()) / (2 * h)
     analytic = (x64.grad * direction).sum()
     assert abs(analytic.item()) > 1e-8
     torch.testing.assert_close(analytic, fd, rtol=1e-5, atol=1e-9)
@@ -470,7 +470,7 @@ def tiny_imagereward(tmp_path_factory):
 
 
 def imagereward_reference(vit, bert, head, tokenizer_folder, x, prompt, padding="max_length"):
-    """ImageReward.score(): BLIP ViT tokens, BERT cross-attending to them, [CLS] -> MLP -> standardise."""
+    """ImageReward.evaluate(): BLIP ViT tokens, BERT cross-attending to them, [CLS] -> MLP -> standardise."""
     tok = transformers.BertTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
     t = tok(prompt, padding=padding, truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():

@@ -297,14 +297,14 @@ def test_shape_finite_deterministic_and_chunking(loaded, family):
 def test_gradient_matches_finite_difference(loaded, family):
     reward = reward_for(loaded, family)
     x = images(2, (20, 28), seed=4).requires_grad_()
-    reward.score(x).sum().backward()
+    reward.evaluate(x).sum().backward()
     assert x.grad.abs().sum() > 0
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
     # The models' RMSNorms compute in float32 even for float64 weights, so the forward carries ~1e-7
     # noise: a larger step keeps it below the tolerance (central-difference error is O(eps^2)).
     eps = 1e-3
     with torch.no_grad():
-        fd = (reward.score(x + eps * v) - reward.score(x - eps * v)).sum() / (2 * eps)
+        fd = (reward.evaluate(x + eps * v) - reward.evaluate(x - eps * v)).sum() / (2 * eps)
     torch.testing.assert_close((x.grad * v).sum(), fd, rtol=2e-3, atol=1e-6)
 
 
