@@ -41,7 +41,8 @@ def test_gradient_is_the_gradient_of_the_composed_expression():
     w = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)  # not a plain sum: standardised scores sum to 0
     (grad,) = torch.autograd.grad((w * total(x)).sum(), x)
     c = inside.evaluate(x)
-    expected = sym.evaluate(x) + 0.5 * (rot.evaluate(x) - 0.1) / 0.05 + 3.0 * (c - c.mean()) / (c.std(unbiased=False) + 1e-6)
+    expected = (sym.evaluate(x) + 0.5 * (rot.evaluate(x) - 0.1) / 0.05
+                + 3.0 * (c - c.mean()) / (c.std(unbiased=False) + 1e-6))
     (expected_grad,) = torch.autograd.grad((w * expected).sum(), x)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)

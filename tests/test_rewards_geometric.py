@@ -8,7 +8,13 @@ import torch
 
 from fmtt_rewards.base import RewardInputError
 from fmtt_rewards.geometric import (
-    MaskContainment, MirrorSymmetry, RotationInvariance, inscribed_disc, resize_mask, rotate)
+    MaskContainment,
+    MirrorSymmetry,
+    RotationInvariance,
+    inscribed_disc,
+    resize_mask,
+    rotate,
+)
 
 
 def image_from_pixels(rows):

@@ -4,15 +4,11 @@ types, required sockets are connected, widget counts match the schemas. The inte
 snapshot matches a live ComfyUI with the pack loaded, and runs every workflow there with tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("fmtt_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
-wt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(wt)
+from fmtt_testing import workflows as wt
 
 SIGS = json.loads(wt.SNAPSHOT.read_text())["nodes"]
 PATHS = wt.workflow_paths()

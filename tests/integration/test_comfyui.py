@@ -2,20 +2,15 @@
 the SAMPLER path and the all-in-one node in every mode, gradients through the MODEL, bad inputs, interrupts."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("fmtt_workflow_tools",
-                                               Path(__file__).resolve().parents[1] / "workflow_tools.py")
-wt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(wt)
+from fmtt_testing import workflows as wt
 
 pytestmark = pytest.mark.integration
 

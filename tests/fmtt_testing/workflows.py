@@ -1,16 +1,17 @@
 """Reading ComfyUI workflows without ComfyUI: node signatures from /object_info, structure checks of UI-format
 workflows (what the frontend's "Save" writes) and their conversion to the API format POST /prompt runs.
 
-Imported by path from tests/test_workflows.py and tests/integration (tests/ is not a package).
+Used by tests/test_workflows.py and tests/integration: `from fmtt_testing import workflows`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 WORKFLOWS = ROOT / "workflows"
-SNAPSHOT = Path(__file__).resolve().parent / "data" / "object_info.json"
+SNAPSHOT = TESTS / "data" / "object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
@@ -98,7 +99,7 @@ def check_workflow(workflow: dict, sigs: dict) -> list[str]:
             if j >= len(sig["outputs"]) or out["type"] != sig["outputs"][j]["type"]:
                 problems.append(f"{where}: output {j} '{out.get('name')}' of type {out.get('type')} does not match "
                                 "the schema")
-    for link_id, (lid, src, src_slot, dst, dst_slot, ltype) in links.items():
+    for lid, src, src_slot, dst, dst_slot, ltype in links.values():
         if src not in nodes or dst not in nodes:
             problems.append(f"link {lid}: connects a missing node")
             continue
