@@ -39,6 +39,7 @@ MODES = ("compare", "exact", "search", "zero_order")
 # beta: log p(c|x) lies in [-5.3, 0] (the classifier was trained with label smoothing), the symmetry
 # reward mostly in [-0.2, 0]; these make the tilt decisive without saturating it.
 DEFAULT_REWARD_SCALE = {"classifier": 4.0, "symmetry": 100.0}
+DEFAULT_SAMPLES = 16  # handed on per method; fewer when there are fewer particles
 
 
 # What the demo imports beyond the pack's own dependencies: the "demo" extra (pyproject.toml).
@@ -80,12 +81,13 @@ def methods_for(mode: str, methods: str | None) -> list[str]:
     return ["base", f"fmtt_{mode}"]
 
 
-def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: int = 64, samples: int = 16,
+def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: int = 64, samples: int | None = None,
              steps: int = 40, mode: str = "compare", methods: str | None = None, reward_scale: float | None = None,
              eta: float = 1.0, jumps: int = 1, seed: int = 0, weights: Path | None = None,
              progress: bool = True) -> tuple[list[MethodRun], dict]:
     """Run the comparison; returns the runs and the settings (everything results.json records)."""
     keys = methods_for(mode, methods)
+    samples = min(DEFAULT_SAMPLES, particles) if samples is None else samples
     if samples > particles:
         raise ValueError(f"--samples {samples} is more than --particles {particles}: FMTT hands on at most its "
                          "particles; raise --particles or lower --samples.")
@@ -141,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classifier: log p(class | x); symmetry: left-right mirror symmetry (no model)")
     demo.add_argument("--particles", type=_positive(int), default=64,
                       help="FMTT's particles; every other method gets the particle count of the same budget")
-    demo.add_argument("--samples", type=_positive(int), default=16,
-                      help="samples each method hands on and is scored on (default 16): draws from the final "
-                           "weights, the top ones by reward for best-of-N and search")
+    demo.add_argument("--samples", type=_positive(int), default=None,
+                      help=f"samples each method hands on and is scored on, at most --particles (default "
+                           f"{DEFAULT_SAMPLES}, or --particles if fewer): draws from the final weights, the top ones "
+                           "by reward for best-of-N and search")
     demo.add_argument("--steps", type=_positive(int), default=40, help="sampler steps from t=0 to t=1 (default 40)")
     demo.add_argument("--mode", choices=MODES, default="compare",
                       help="compare: every method side by side (default); exact / search / zero_order: base "

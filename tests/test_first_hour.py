@@ -80,6 +80,11 @@ def test_more_samples_than_particles_is_refused(tmp_path, capsys, no_work):
     assert "--samples 16 is more than --particles 8" in capsys.readouterr().err
 
 
+def test_default_samples_adapt_to_few_particles():
+    _, settings = cli.run_demo(particles=4, steps=2, methods="base", progress=False)
+    assert settings["samples_handed_on"] == 4
+
+
 def test_search_mode_traces_have_no_empty_panel(tmp_path):
     """Search hands on its best particles, not weights: no ESS panel, and no matplotlib warning."""
     from fmtt_demo.report import write_results
