@@ -7,3 +7,7 @@ from .reward_nodes import REWARD_NODES  # noqa: E402  (the folders must exist be
 from .sampler_nodes import SAMPLER_NODES  # noqa: E402
 
 NODES = SAMPLER_NODES + REWARD_NODES
+
+from .strict_inputs import register as _register_strict_inputs  # noqa: E402
+
+_register_strict_inputs(NODES)
