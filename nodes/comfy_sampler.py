@@ -28,7 +28,7 @@ from server import PromptServer
 from ..fmtt_core import FMTTInputError, fmtt_sample
 from . import memory_guard
 from .bridge import clock_of, core_denoiser, differentiable, guided_parts, normal_tensor, vae_decoder
-from .lookahead import BaseModelLookahead, CompanionModelLookahead, describe
+from .lookahead import BaseModelLookahead, describe
 
 STREAM_NOISE, STREAM_SAMPLER, STREAM_PICK = 0, 1, 2
 # A final latent this many times farther from 0 than the starting noise's largest value is outside anything the
@@ -155,8 +155,6 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     sig = sigmas.detach().float().cpu()
     decode, vae_module = vae_decoder(settings.vae, base_model)
     spec = settings.lookahead if settings.lookahead is not None else BaseModelLookahead("denoiser")
-    if hasattr(spec, "to"):
-        spec.to(x.device)
     plan = memory_guard.plan(settings, base_model, float(getattr(guider, "cfg", 1.0)), settings.vae, spec, x)
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))
@@ -173,7 +171,7 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
 
     run = Sampling(settings, model, x, sig, clock, base_model, decode, spec, extra_args,
                    int(extra_args.get("seed") or 0), plan.chunk_size, on_step)
-    base_modules = [base_model.diffusion_model, vae_module] + list(getattr(spec, "modules", lambda: [])())
+    base_modules = [base_model.diffusion_model, vae_module] + list(spec.modules())
 
     def body(companion=None, companion_modules=()):
         with differentiable(base_modules + list(companion_modules), settings.needs_gradient(),
@@ -181,9 +179,7 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
             return run.run(companion)
 
     try:
-        if isinstance(spec, CompanionModelLookahead):
-            return spec.run_with(base_model, x.shape, sigmas, run.seed, body)
-        return body()
+        return spec.run_with(base_model, x, sigmas, run.seed, body)
     finally:
         diag.seconds = time.perf_counter() - started
         _announce(diag)

@@ -13,8 +13,8 @@ import latent_preview
 from comfy_api.latest import io, ui
 
 from . import diagnostics as diag
+from ..fmtt_core.flow_maps import load_flow_map
 from .comfy_sampler import ksampler
-from .flow_map_file import load_flow_map
 from .folders import FLOW_MAPS, file_path
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
 from .settings import fmtt_inputs, settings_from

@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..fmtt_core import MODES, SCHEMES, FMTTConfig, FMTTInputError, LinearTilt, RampTilt
 from .diagnostics import Diagnostics
+from .lookahead import LookaheadSpec
 from .types import Lookahead, Reward
 
 CORE = FMTTConfig()  # the core's defaults: the widgets of the core's settings start from them
@@ -160,7 +161,7 @@ class _SettingsBehaviour:
         """Raise FMTTInputError naming the setting and the fix; the core's validation speaks for its settings."""
         if self.reward is None or not callable(self.reward):
             raise FMTTInputError("FMTT: the reward input is not an FMTT reward; connect an FMTT reward node.")
-        if self.lookahead is not None and not hasattr(self.lookahead, "build"):
+        if self.lookahead is not None and not isinstance(self.lookahead, LookaheadSpec):
             raise FMTTInputError("FMTT: the lookahead input is not an FMTT look-ahead; connect an FMTT look-ahead "
                                  "node.")
         problems = [p for s in SETTINGS if s.default is not None and (p := widget_problem(s, getattr(self, s.name)))]

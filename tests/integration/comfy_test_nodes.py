@@ -204,9 +204,22 @@ class TestGradientCheck(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 
+def _flux_flow_map_nodes():
+    """Test nodes of tests/integration/flux_flow_map_test_nodes.py, found through the linked pack."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfyui-fmtt", "tests",
+                        "integration", "flux_flow_map_test_nodes.py")
+    spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_test_nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NODES
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck]
+        return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck,
+                *_flux_flow_map_nodes()]
 
 
 async def comfy_entrypoint():

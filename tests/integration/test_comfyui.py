@@ -15,7 +15,7 @@ from fmtt_testing import workflows as wt
 pytestmark = pytest.mark.integration
 
 PACK_NODES = ["FMTTSampler", "FMTTKSampler", "FMTTDiagnostics", "FMTTBaseModelLookahead", "FMTTCompanionLookahead",
-              "FMTTFlowMapLookahead", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
+              "FMTTFlowMapLookahead", "FMTTFluxFlowMapLookahead", "FMTTFlowMapSampler", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
               "FMTTAestheticReward", "FMTTImageReward", "FMTTVLMQuestionReward", "FMTTMaskReward",
               "FMTTSymmetryReward", "FMTTCombineRewards"]
 FMTT_DEFAULTS = {"mode": "exact", "particles": 2, "reward_scale": 1.0, "eta": 1.0, "ess_threshold": 0.5,
@@ -168,6 +168,8 @@ def tiny_substitutes(prompt: dict) -> dict:
             inp["particles"] = 2
             if "steps" in inp:
                 inp["steps"] = 3
+        elif kind == "FMTTFluxFlowMapLookahead":
+            inp["lora_name"] = "tiny_flux_flowmap_lora.safetensors"
         elif kind in ("FMTTCompanionLookahead", "FMTTBaseModelLookahead"):
             inp["steps"] = 2
         elif kind == "RandomNoise":
