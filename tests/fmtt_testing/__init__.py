@@ -4,4 +4,6 @@
 - `hf_models`: tiny random transformers / tokenizers folders of the real architectures (CLIP, Idefics3 /
   SmolVLM, Qwen2-VL), written as users have them. The unit tests and the real-ComfyUI suite both build theirs
   here, so the integration suite's models are exactly the ones the reward tests check.
+- `comfy_prompts`: API-format prompts on the integration suite's tiny models, and reading their results.
+- `flux_flow_map_reference`: the diffusers reference of the FLUX flow-map LoRA (unit and integration tests).
 """
