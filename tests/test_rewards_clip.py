@@ -23,7 +23,7 @@ import fmtt_rewards as R
 from fmtt_rewards.base import RewardInputError
 from fmtt_rewards.local_files import RewardFilesError, RewardWeightsError, hub_offline
 from fmtt_rewards.preprocess import ClipTransform
-from fmtt_testing.hf_models import perturb_, write_hf_clip_folder
+from fmtt_testing.hf_models import perturb_, register_open_clip_archs, write_hf_clip_folder
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -66,9 +66,7 @@ def no_network(monkeypatch):
 def tiny_open_clip(tmp_path_factory):
     """(open_clip model, safetensors path, HPSv2-style .pt path) for the tiny architecture."""
     d = tmp_path_factory.mktemp("open_clip")
-    for name, cfg in ((TINY_ARCH, TINY_CFG), (OTHER_ARCH, OTHER_CFG)):
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(d / f"{name}.json")
+    register_open_clip_archs(d, {TINY_ARCH: TINY_CFG, OTHER_ARCH: OTHER_CFG})
     torch.manual_seed(0)
     model = perturb_(open_clip.create_model(TINY_ARCH), seed=1).eval()
     model.logit_scale.data.fill_(3.0)

@@ -22,6 +22,14 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.n
 
 # ---------------------------------------------------------------- CLIP
 
+def register_open_clip_archs(folder: Path, archs: dict[str, dict]) -> None:
+    """Make tiny open_clip architectures known by name (open_clip reads model configs from JSON files)."""
+    import open_clip
+    for name, cfg in archs.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder / f"{name}.json")
+
+
 def bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP byte-level alphabet (the published mapping), to write a real vocab.json."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
