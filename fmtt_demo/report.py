@@ -85,7 +85,10 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    # The ESS panel only when a run carries weights (search and best-of-N select instead: nothing to draw).
+    weighted = any(run.method.hands_on == "weights" for run in runs)
+    fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(11 if weighted else 6, 4), squeeze=False)
+    ax_r, ax_e = axes[0, 0], (axes[0, 1] if weighted else None)
     for run in runs:
         trace = run.result.trace
         t = np.array([s.t for s in trace])
@@ -100,9 +103,10 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
             hit = np.array([s.resampled for s in trace])
             ax_e.plot(t[hit], ess[hit], "v", color=line.get_color(), markersize=4)
     ax_r.set(xlabel="t (0 noise, 1 data)", ylabel="mean look-ahead reward", title="reward of the predicted sample")
-    ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
     ax_r.legend(fontsize=7)
-    ax_e.legend(fontsize=7)
+    if weighted:
+        ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
+        ax_e.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
 Reward = io.Custom("FMTT_REWARD")
