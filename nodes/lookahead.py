@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-import torch
-
 import comfy.samplers
+import torch
 
 from ..fmtt_core import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, FMTTInputError, ODELookahead
 from .clocks import clock_of, core_denoiser, family_of, guided_parts
@@ -136,7 +135,8 @@ def shares_weights_with_other_patches(companion_patcher, base_model) -> bool:
 
 def check_companion(base_model, companion_base) -> None:
     base_fmt, comp_fmt = type(base_model.latent_format), type(companion_base.latent_format)
-    if base_fmt is not comp_fmt or base_model.latent_format.latent_channels != companion_base.latent_format.latent_channels:
+    channels = base_model.latent_format.latent_channels, companion_base.latent_format.latent_channels
+    if base_fmt is not comp_fmt or channels[0] != channels[1]:
         raise FMTTInputError(
             f"FMTT: the companion model works in another latent space ({comp_fmt.__name__}) than the base model "
             f"({base_fmt.__name__}). A companion must share the base model's latent space, e.g. FLUX.1-schnell "

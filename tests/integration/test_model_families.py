@@ -6,7 +6,6 @@ ComfyUI's own loaders detect them as SD15 / SDXL / SD3. Conditioning is random, 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,11 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from fmtt_testing import workflows as wt
+from fmtt_testing.comfy_prompts import error_message, latent_of, ok
+
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("fmtt_test_comfyui", HERE / "test_comfyui.py")
-_suite = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_suite)
-error_message, fresh_seed, latent_of, ok, wt = _suite.error_message, _suite.fresh_seed, _suite.latent_of, _suite.ok, _suite.wt
+_seeds = iter(range(500_000, 10**6))  # apart from test_comfyui.py's: ComfyUI caches identical prompts
+
+
+def fresh_seed():
+    return next(_seeds)
+
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +48,9 @@ def families(comfy):
     """The tiny SD1.5 / SDXL / SD3.5 models, written next to the suite's other tiny models (ComfyUI rescans its
     model folders when they change)."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     subprocess.run([python, str(HERE / "tiny_unets.py"), os.environ["COMFYUI_PATH"], str(comfy.base)], check=True,
-                   capture_output=True, timeout=600)
+                   capture_output=True, timeout=600, env=env)
     return comfy
 
 
@@ -113,13 +118,13 @@ def fmtt_custom_prompt(family, seed, cfg, denoise=1.0):
                 "resampling": "systematic", "chunk_size": 0, "output": "best", "output_count": 1, "tilt_ramp": 1.0,
                 "grad_clip": 0.0, "search_steps": 2, "search_keep": 0, "weights": "auto",
                 "block_checkpointing": True}
-    sampler = lambda vae: {"class_type": "FMTTSampler",
+    sampler = lambda vae: {"class_type": "FMTTSampler",  # noqa: E731
                            "inputs": {"reward": ["reward", 0], "vae": vae, **settings}}
     return custom_prompt(family, seed, sampler, cfg, denoise=denoise)
 
 
 def euler_prompt(family, seed, cfg, denoise=1.0):
-    sampler = lambda vae: {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    sampler = lambda vae: {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}  # noqa: E731
     return custom_prompt(family, seed, sampler, cfg, denoise=denoise)
 
 
