@@ -16,12 +16,11 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
+import numpy as np
+import torch
 from comfy_execution.utils import get_executing_context
 from server import PromptServer
 

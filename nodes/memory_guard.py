@@ -13,7 +13,7 @@ import os
 
 import comfy.model_management
 
-from ..fmtt_core.memory import MiB, MemoryPlan, plan_chunks
+from ..fmtt_core.memory import MemoryPlan, MiB, plan_chunks
 from .autograd import block_lists
 
 BUDGET_VAR = "FMTT_MEMORY_BUDGET_MB"  # caps the budget (a shared machine, a test); unset: all that is free
