@@ -33,6 +33,9 @@ from fmtt_core import (DenoiserLookahead, FlowMapLookahead, FMTTConfig, FMTTResu
                        fk_steering, fmtt_sample, guidance_sample)
 
 
+DEFECT_PROBE = 8
+
+
 @dataclass
 class Setup:
     """What every method shares: models, reward, tilt strength and sampler settings."""
@@ -50,8 +53,9 @@ class Setup:
         return self.models.denoiser
 
     def config(self, seed: int, mode: str = "exact") -> FMTTConfig:
+        # A few probe particles measure the Eulerian defect for the traces plot (a look-ahead forward each).
         return FMTTConfig(mode=mode, reward_scale=self.reward_scale, eta=self.eta, ess_threshold=self.ess_threshold,
-                          chunk_size=self.chunk_size, seed=seed)
+                          chunk_size=self.chunk_size, seed=seed, defect_probe=DEFECT_PROBE)
 
 
 def _flow_map(setup: Setup) -> dict:

@@ -84,6 +84,16 @@ def plot(diag: Diagnostics) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0)
 
 
+def eulerian_defect_line(run) -> str:
+    """The core's Eulerian-defect diagnostic (StepTrace.defect, FMTTResult.max_defect): how far the look-ahead
+    is from the base flow map along the run, i.e. whether cheap Eulerian weights would hold."""
+    defect = getattr(run, "max_defect", math.nan)
+    if math.isnan(defect):
+        return "    Eulerian defect: not measured (weights 'advective' or defect_probe > 0 measure it)"
+    return (f"    Eulerian defect max {defect:.3g} (reward units per step; 0 = the look-ahead is the base flow map, "
+            "so Eulerian weights would hold)")
+
+
 def summary(diag: Diagnostics) -> str:
     """Plain-text report of the last run: settings, rewards, ESS, resampling and where the compute went."""
     if not diag.runs:
@@ -105,6 +115,7 @@ def summary(diag: Diagnostics) -> str:
         lines.append(f"[{b}] final reward best {best}, mean {mean}, weighted mean {weighted:.4g}; final ESS "
                      f"{run.ess:.2f}/{n}; {run.n_resamples} resampling/selection step(s); thermodynamic length "
                      f"{run.thermodynamic_length:.3g}")
+        lines.append(eulerian_defect_line(run))
     total = {k: sum(getattr(run.nfe, k) for run in diag.runs) for k in
              ("denoiser", "lookahead", "decoder", "reward", "backward")}
     particles = n * len(diag.runs)
