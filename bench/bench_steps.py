@@ -99,8 +99,8 @@ def main(argv=None):
         meta = "quick: N 256 / 64, 1 seed"
     else:
         base_rows = base_chain((10, 20, 40, 80), 8192, 2)
-        weight_rows = weight_rules((10, 20, 40), 256, 2, 8)
-        meta = "base chain N 8192, FMTT N 256, 2 seeds each, flow map = RK4(8) on the exact denoiser"
+        weight_rows = weight_rules((5, 10, 20, 40), 1024, 3, 8)
+        meta = "base chain N 8192 x 2 seeds, FMTT N 1024, 3 seeds, flow map = RK4(8) on the exact denoiser"
     text = tables(base_rows, weight_rows, meta) + f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
     print(text)
     if not args.quick:
