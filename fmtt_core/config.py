@@ -43,8 +43,11 @@ class FMTTConfig:
           ratio times look-ahead potentials, as in twisted SMC; exact at any step size for any
           look-ahead and free, but noisier where sigma |grad r_t| is large: steep rewards, little
           noise), "eulerian" (dA = lambda' r dt: exact only for a perfect flow map; free),
-          "auto" = "advective" (measured in bench/bench_toy.py and bench_steps.py: twisted weights
-          collapse in the authors' toy, Eulerian ones are biased for any imperfect look-ahead).
+          "auto" = "twisted": the only rule exact at the step size actually used, for any look-ahead;
+          when it degenerates it shows (ESS, resamplings), where the others would be silently biased
+          (measured: tests/test_core_hard_cases.py, test_core_exactness.py, bench/bench_steps.py).
+          With a good flow map, many steps and a steep reward at little noise (bench/bench_toy.py),
+          advective or eulerian weights have far less variance: choose them there.
     defect_probe: particles on which the Eulerian defect r_{t+h}(x + h b) - r_t(x) is measured each
           step for the trace (one look-ahead forward each; 0: off; free under advective weights).
     seed: seeds the sampler's own random streams (SDE noise, resampling); no global RNG is touched.

@@ -50,11 +50,11 @@ LOOKAHEADS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights", ["auto", "twisted"])
+@pytest.mark.parametrize("weights", ["auto", "advective"])
 @pytest.mark.parametrize("name", list(LOOKAHEADS))
 def test_default_weights_are_exact_for_approximate_lookaheads(name, weights):
     """`auto` must not trust a look-ahead to be the base flow map: ODE(1) is the denoiser and a learned
-    map is approximate. The default (advective) and twisted weights are exact for both; Eulerian
+    map is approximate. The default (twisted) and advective weights are exact for both; Eulerian
     weights are not."""
     truth = GM3.tilt_linear(BETA * A3).mean()
 
@@ -88,8 +88,7 @@ def test_defect_diagnostic_separates_flow_map_from_denoiser():
     adv = fc.fmtt_sample(GM3.denoiser, x0, fc.time_grid(10), reward=linear_reward(A3),
                          config=fc.FMTTConfig(reward_scale=BETA, weights="advective"))
     assert math.isfinite(adv.max_defect)  # free under advective weights
-    off = fc.fmtt_sample(GM3.denoiser, x0, fc.time_grid(10), reward=linear_reward(A3),
-                         config=fc.FMTTConfig(weights="twisted"))
+    off = fc.fmtt_sample(GM3.denoiser, x0, fc.time_grid(10), reward=linear_reward(A3))
     assert math.isnan(off.max_defect)  # not measured unless asked: it costs look-ahead forwards
 
 
@@ -164,11 +163,11 @@ def steep_reward(x):
 
 
 @pytest.mark.slow
-def test_steep_gradient_case_is_exact_with_twisted_weights():
+def test_steep_gradient_case_is_exact_with_the_default_weights():
     """Issue 9's steep-gradient case, scaled to CI: 2-D four-component mixture, a near-step reward, beta 2,
     the exact flow map, 20 steps. The continuous-time weights (Eulerian, the old default for flow maps)
-    are biased at this step size; twisted weights price every move at its kernel probability and stay
-    within Monte-Carlo bounds over seeds, with the default push taming."""
+    are biased at this step size; the default twisted weights price every move at its kernel
+    probability and stay within Monte-Carlo bounds over seeds, with the default push taming."""
     beta = 2.0
     big = STEEP.sample(400_000, torch.Generator().manual_seed(9))
     truth = torch.softmax(beta * steep_reward(big), 0) @ big
@@ -180,7 +179,7 @@ def test_steep_gradient_case_is_exact_with_twisted_weights():
                                   config=fc.FMTTConfig(reward_scale=beta, weights=weights, seed=seed))
         return run
 
-    means, runs = replicate(sampler("twisted"), n=500, runs=4, dim=2)
+    means, runs = replicate(sampler("auto"), n=500, runs=4, dim=2)
     z = z_max(means, truth)
     assert z <= stats.t.ppf(1 - 0.001 / 2, 3), f"twisted weights off in the steep case: |z| = {z:.1f}"
     assert all(r.ess > 0.2 * 500 for r in runs), "no collapse onto a few particles"
