@@ -86,7 +86,15 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_e, ax_d) = plt.subplots(1, 3, figsize=(16, 4))
+    # The ESS panel only when a run carries weights (search and best-of-N select instead: nothing to draw);
+    # the defect panel only when a run measured it.
+    weighted = any(run.method.hands_on == "weights" for run in runs)
+    measured = any(np.isfinite([s.defect for s in run.result.trace]).any() for run in runs)
+    panels = 1 + weighted + measured
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax_r = axes[0, 0]
+    ax_e = axes[0, 1] if weighted else None
+    ax_d = axes[0, panels - 1] if measured else None
     for run in runs:
         trace = run.result.trace
         t = np.array([s.t for s in trace])
@@ -95,22 +103,22 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
             (line,) = ax_r.plot(t, reward, label=run.method.label)
         else:
             continue
-        if run.method.hands_on == "weights":
+        if ax_e is not None and run.method.hands_on == "weights":
             ess = np.array([s.ess for s in trace]) / run.particles
             ax_e.plot(t, ess, color=line.get_color(), label=run.method.label)
             hit = np.array([s.resampled for s in trace])
             ax_e.plot(t[hit], ess[hit], "v", color=line.get_color(), markersize=4)
         defect = np.array([s.defect for s in trace])
-        if np.isfinite(defect).any():
+        if ax_d is not None and np.isfinite(defect).any():
             ax_d.plot(t, defect, color=line.get_color(), label=run.method.label)
     ax_r.set(xlabel="t (0 noise, 1 data)", ylabel="mean look-ahead reward", title="reward of the predicted sample")
-    ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
-    ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
-             title="Eulerian defect (0: look-ahead = base flow map)")
     ax_r.legend(fontsize=7)
-    if ax_e.get_legend_handles_labels()[0]:
+    if ax_e is not None:
+        ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
         ax_e.legend(fontsize=7)
-    if ax_d.get_legend_handles_labels()[0]:
+    if ax_d is not None:
+        ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
+                 title="Eulerian defect (0: look-ahead = base flow map)")
         ax_d.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
