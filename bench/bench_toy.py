@@ -80,7 +80,7 @@ def target_samples(base: GaussianMixture, n: int, seed: int = 7) -> torch.Tensor
 
 def mmd100(x, w, y, bandwidth=0.1) -> float:
     """100 x squared MMD (Gaussian kernel) between weighted particles and target samples (V-statistic)."""
-    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * bandwidth ** 2))
+    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * bandwidth ** 2))  # noqa: E731
     v = torch.full((y.shape[0],), 1 / y.shape[0], dtype=torch.float64)
     return 100 * float(w @ k(x, x) @ w + v @ k(y, y) @ v - 2 * w @ k(x, y) @ v)
 
@@ -114,8 +114,8 @@ class Identity:
 
 
 def methods(base: GaussianMixture, rk4: int):
-    flow = lambda: fc.FlowMapLookahead(lambda x, s, t: base.flow_map(x, s, t, rk4))
-    den = lambda: fc.DenoiserLookahead(base.denoiser)
+    flow = lambda: fc.FlowMapLookahead(lambda x, s, t: base.flow_map(x, s, t, rk4))  # noqa: E731
+    den = lambda: fc.DenoiserLookahead(base.denoiser)  # noqa: E731
     return {"no look-ahead": (Identity, "eulerian"), "denoiser, eulerian": (den, "eulerian"),
             "denoiser, advective (ours)": (den, "advective"), "denoiser, twisted (ours)": (den, "twisted"),
             "flow map, eulerian": (flow, "eulerian"), "flow map, advective (ours)": (flow, "advective"),

@@ -164,7 +164,7 @@ def evaluate(method: Method, result: FMTTResult, models, n_out: int, target_clas
     out = {
         "judge_confidence": float((prob * judge_probs.max(1).values).sum()),
         "judge_histogram": [float((prob * (judge_probs.argmax(1) == c)).sum()) for c in range(10)],
-        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),
+        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),  # noqa: E501
         "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
         "resamples": result.n_resamples,
     }

@@ -19,7 +19,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def format_table(runs: list[MethodRun], target_class: int | None, n_out: int) -> str:
     header = ["method", "particles", f"judge acc ({target_class})" if target_class is not None else "judge acc",
-              "reward clf acc", "judge conf", "mean reward", "final ESS", "resampled", "NFE den/look/bwd/rew", "passes", "wall s"]
+              "reward clf acc", "judge conf", "mean reward", "final ESS", "resampled", "NFE den/look/bwd/rew", "passes", "wall s"]  # noqa: E501
     rows = []
     for run in runs:
         m, nfe = run.metrics, run.result.nfe

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Callable
+from typing import Any
 
 from comfy_api.latest import io
 

@@ -61,7 +61,7 @@ def test_clock_conversions_round_trip_and_agree():
 def test_lookaheads_converge_to_exact_flow_map():
     gm, x, t = RING, noise(200, seed=2), torch.full((200,), 0.3, dtype=torch.float64)
     ref = gm.flow_map(x, t, torch.ones(200), 200)
-    err = lambda y: float((y - ref).norm(dim=1).mean())
+    err = lambda y: float((y - ref).norm(dim=1).mean())  # noqa: E731
     e_den = err(fc.DenoiserLookahead(gm.denoiser)(x, t))
     e_euler = [err(fc.ODELookahead(gm.denoiser, k)(x, t)) for k in (2, 8, 32)]
     e_heun = err(fc.ODELookahead(gm.denoiser, 8, "heun")(x, t))
@@ -202,14 +202,14 @@ def test_bad_inputs_are_clear_errors():
 
 def test_importing_core_pulls_no_framework():
     code = ("import sys, fmtt_core, fmtt_core.analytic; "
-            "bad = [m for m in ('comfy', 'transformers', 'open_clip', 'folder_paths', 'fmtt_rewards') if m in sys.modules]; "
+            "bad = [m for m in ('comfy', 'transformers', 'open_clip', 'folder_paths', 'fmtt_rewards') if m in sys.modules]; "  # noqa: E501
             "print(bad); assert not bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_steep_reward_gradient_warns_with_the_fix():
-    steep = lambda x: 1e4 * x[:, 0]
+    steep = lambda x: 1e4 * x[:, 0]  # noqa: E731
     with pytest.warns(RuntimeWarning, match="weights cannot correct"):
         fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
                        lookahead=fc.ODELookahead(RING.denoiser, 1),
