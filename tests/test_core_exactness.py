@@ -107,7 +107,8 @@ def test_flow_map_beats_denoiser_lookahead():
     """The paper's central claim at equal steps and particles (authors' toy setting: ramp tilt, ESS
     threshold 0.9), with the paper's Eulerian weights for the flow map: the denoiser look-ahead is
     either biased (Eulerian weights, which assume the flow-map identity) or degenerates more
-    (advective weights, exact but noisier): more resamplings and a longer thermodynamic path. The flow map is accurate with fewer resamplings."""
+    (advective weights, exact but noisier): more resamplings and a longer thermodynamic path. The
+    flow map is accurate with fewer resamplings."""
     gm, reward, target = RING, quadratic_reward(C2, 1.0), RING.tilt_quadratic(C2, 1.0)
     setting = {"tilt": fc.RampTilt(0.1), "eta": 0.1, "ess_threshold": 0.9, "steps": 50}
     den = fc.DenoiserLookahead(gm.denoiser)
