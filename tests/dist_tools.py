@@ -78,6 +78,6 @@ def results_of(ranks: list[RankResult]) -> list[dict]:
     """Every rank's saved result; fails with the ranks' output if one did not finish cleanly."""
     bad = [r for r in ranks if r.returncode != 0 or r.result is None]
     if bad:
-        raise AssertionError("\n\n".join(f"rank {r.rank}: returncode {r.returncode}, error {r.error}\n{r.stderr[-3000:]}"
-                                         for r in bad))
+        raise AssertionError("\n\n".join(
+            f"rank {r.rank}: returncode {r.returncode}, error {r.error}\n{r.stderr[-3000:]}" for r in bad))
     return [r.result for r in ranks]

@@ -88,6 +88,63 @@ def die(args):
     return {}
 
 
+def sampler_problem(args):
+    """A real sampling problem every rank (and the test) rebuilds: a ring of 8 Gaussians in 2-D with
+    its closed-form denoiser and flow map, a quadratic reward off the ring, noise from the seed."""
+    from fmtt_core import FMTTConfig, FlowMapLookahead, time_grid
+    from fmtt_core.analytic import quadratic_reward, ring_mixture
+
+    gm = ring_mixture(8, 4.0, 0.5)
+    x_init = torch.randn((args["n"], 2), generator=torch.Generator().manual_seed(args.get("seed", 0)),
+                         dtype=torch.float64)
+    reward = quadratic_reward(torch.tensor([4.0, 0.0], dtype=torch.float64), 0.5)
+    cfg = FMTTConfig(mode=args.get("mode", "exact"), reward_scale=args.get("beta", 2.0),
+                     ess_threshold=args.get("ess_threshold", 0.9), resampling=args.get("resampling", "systematic"),
+                     chunk_size=args.get("chunk"), search_steps=3, seed=args.get("seed", 0))
+    lookahead = FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, 8))
+    return gm, x_init, time_grid(args.get("steps", 10)), reward, cfg, lookahead
+
+
+def run_method(args, population=None, x_init=None):
+    """One sampler of fmtt_core on the problem; population=None is the single-process run."""
+    import fmtt_core as fc
+
+    gm, x_full, times, reward, cfg, lookahead = sampler_problem(args)
+    x = x_full if x_init is None else x_init
+    kw = {"reward": reward, "config": cfg, "population": population}
+    method = args.get("method", "fmtt")
+    if method == "fmtt":
+        return fc.fmtt_sample(gm.denoiser, x, times, lookahead=lookahead, **kw)
+    if method == "fk":
+        return fc.fk_steering(gm.denoiser, x, times, potential=args.get("potential", "diff"), **kw)
+    if method == "guidance":
+        return fc.guidance_sample(gm.denoiser, x, times, **kw)
+    return fc.best_of_n(gm.denoiser, x, times, **kw)
+
+
+def result_dict(res) -> dict:
+    out = {"samples": res.samples, "log_weights": res.log_weights, "rewards": res.rewards,
+           "thermo": torch.tensor([res.thermodynamic_length], dtype=torch.float64)}
+    for name in ("ess", "resampled", "reward_mean", "reward_max", "valid"):
+        out[f"trace_{name}"] = torch.tensor([float(getattr(s, name)) for s in res.trace], dtype=torch.float64)
+    out["nfe"] = torch.tensor(list(res.nfe.as_dict().values()))
+    return out
+
+
+@scenario
+def samplers(args):
+    """Each of args["runs"] (a sampler and its settings) on a DistributedPopulation of this group."""
+    out = {}
+    for i, run in enumerate(args["runs"]):
+        pop = fd.DistributedPopulation(run["n"], run.get("seed", 0))
+        _, x_full, *_ = sampler_problem(run)
+        res = run_method(run, pop, pop.local(x_full))
+        out.update({f"{i}/{k}": v for k, v in result_dict(res).items()})
+        out[f"{i}/rows_received"] = torch.tensor([pop.stats.rows_received])
+        out[f"{i}/nfe_total"] = torch.tensor(list(fd.total_nfe(res.nfe).as_dict().values()))
+    return out
+
+
 def main():
     name, out, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     fd.init_from_env("gloo", timeout_s=float(os.environ.get("FMTT_DIST_TIMEOUT", 20)))
