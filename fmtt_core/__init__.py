@@ -10,12 +10,21 @@ from .errors import FMTTInputError, FMTTNumericalError
 from .files import FMTTFileError, read_safetensors_header
 from .lookahead import CompanionLookahead, DenoiserLookahead, FlowMapLookahead, ODELookahead
 from .nfe import NFE
-from .sampler import MODES, FMTTConfig, FMTTResult, ParticleLoop, StepTrace, fmtt_sample, sde_step
+from .config import MODES, SDE_STEPS, WEIGHTS, FMTTConfig
+from .particles import ParticleLoop
+from .population import Population
+from .result import FMTTResult, StepTrace
+from .sampler import fmtt_sample
+from .sde import Move, base_kernel, sde_step
 from .schedules import LinearTilt, RampTilt, check_time_grid, noise_level, tilt_values, time_grid
 from .smc import SCHEMES, ess, normalize_log_weights, resample_indices
+from .weights import (AdvectiveWeights, EulerianWeights, FKWeights, NoWeights, SearchSelection, TwistedWeights,
+                      WeightRule)
 
 __all__ = [
-    "fmtt_sample", "FMTTConfig", "FMTTResult", "StepTrace", "ParticleLoop", "sde_step", "MODES",
+    "fmtt_sample", "FMTTConfig", "FMTTResult", "StepTrace", "ParticleLoop", "sde_step", "base_kernel", "Move",
+    "MODES", "WEIGHTS", "SDE_STEPS", "Population",
+    "WeightRule", "TwistedWeights", "AdvectiveWeights", "EulerianWeights", "FKWeights", "SearchSelection", "NoWeights",
     "base_sample", "best_of_n", "guidance_sample", "fk_steering", "FK_POTENTIALS",
     "DenoiserLookahead", "ODELookahead", "CompanionLookahead", "FlowMapLookahead",
     "time_grid", "check_time_grid", "LinearTilt", "RampTilt", "tilt_values", "noise_level",

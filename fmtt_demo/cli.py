@@ -71,7 +71,7 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
                                 callback=(lambda info: bar.update(1)) if bar is not None else None)
             seconds = time.perf_counter() - start
             metrics = evaluate(method, result, models, samples, settings["target_class"])
-            runs.append(MethodRun(method, n, result, seconds, network_passes(method, setup, result), metrics))
+            runs.append(MethodRun(method, n, result, seconds, network_passes(result), metrics))
     finally:
         if bar is not None:
             bar.close()

@@ -79,7 +79,7 @@ class FMTTSettings:
             mode=self.mode, reward_scale=self.reward_scale, eta=self.eta, ess_threshold=self.ess_threshold,
             resampling=self.resampling, tilt=LinearTilt() if self.tilt_ramp >= 1 else RampTilt(self.tilt_ramp),
             chunk_size=self.chunk_size or None, grad_clip=self.grad_clip or None, search_steps=self.search_steps,
-            top_k=self.search_keep or None, weights=self.weights, seed=seed)
+            search_keep=self.search_keep or None, weights=self.weights, seed=seed)
 
     def summary(self) -> dict:
         """The settings as plain values, for the diagnostics."""

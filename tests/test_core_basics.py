@@ -111,8 +111,10 @@ def test_nfe_breakdown_counts_every_call():
     assert res.nfe.backward_model == 3 * res.nfe.backward  # D + 2 ODE calls per backward
     flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4))
     assert flow.nfe.backward_model == 4 * flow.nfe.backward  # 4 jumps, D not in the graph
-    adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser))  # advective weights: +1 D a step
+    adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser), weights="advective")  # +1 D a step
     assert adv.nfe.lookahead == n * (steps - 1) and adv.nfe.reward == n * (2 * steps + 1)
+    twisted = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser))  # the default: no extra call
+    assert twisted.nfe.lookahead == 0 and twisted.nfe.reward == n * (steps + 1)
     zo = run("zero_order", n=n, steps=steps)
     assert zo.nfe.backward == 0
     assert res.nfe.per_particle(n)["denoiser"] == steps
@@ -164,7 +166,10 @@ def test_non_finite_rewards_get_zero_weight_with_warning_and_all_bad_raises():
     (dict(chunk_size=0), "chunk_size"),
     (dict(eta=-0.1), "eta"),
     (dict(weights="magic"), "weights must be"),
-    (dict(mode="search", top_k=1000), "top_k"),
+    (dict(mode="search", search_keep=1000), "search_keep"),
+    (dict(mode="zero_order", weights="eulerian"), "applies to mode .exact. only"),
+    (dict(sde_step="rk4"), "sde_step must be"),
+    (dict(max_push=0.0), "max_push"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, message):
     with pytest.raises(fc.FMTTInputError, match=message):
@@ -186,7 +191,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(fc.FMTTInputError, match="one value per particle"):
         fc.fmtt_sample(RING.denoiser, noise(4), fc.time_grid(4), reward=lambda x: x.sum().reshape(1))
     with pytest.raises(fc.FMTTInputError, match="stochastic"):
-        fc.fk_steering(RING.denoiser, noise(4), fc.time_grid(4), reward=r, eta=0.0)
+        fc.fk_steering(RING.denoiser, noise(4), fc.time_grid(4), reward=r, config=fc.FMTTConfig(eta=0.0))
 
 
 def test_importing_core_pulls_no_framework():
@@ -199,9 +204,13 @@ def test_importing_core_pulls_no_framework():
 
 def test_steep_reward_gradient_warns_with_the_fix():
     steep = lambda x: 1e4 * x[:, 0]  # noqa: E731  a push far beyond the step's noise
-    with pytest.warns(RuntimeWarning, match="more steps"):
+    with pytest.warns(RuntimeWarning, match="weights cannot correct"):
         fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
-                       lookahead=fc.ODELookahead(RING.denoiser, 1))
+                       lookahead=fc.ODELookahead(RING.denoiser, 1), config=fc.FMTTConfig(weights="eulerian"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(n=16)  # a gentle reward: no warning
+        # twisted weights (the default) price any push exactly: no warning, the push is tamed
+        res = fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
+                             lookahead=fc.ODELookahead(RING.denoiser, 1))
+        assert sum(s.tamed for s in res.trace) > 0
