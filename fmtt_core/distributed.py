@@ -18,6 +18,7 @@ Works with gloo (CPU tensors) and NCCL (CUDA tensors): buffers travel on the bac
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import FMTTInputError
+from .nfe import NFE
+from .population import Population
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -135,6 +138,7 @@ class CommStats:
 
     seconds: float = 0.0
     bytes_sent: int = 0
+    rows_received: int = 0   # particle rows that came from another rank (resampling)
     calls: dict = field(default_factory=dict)
 
 
@@ -180,6 +184,27 @@ def gather(local: torch.Tensor, sh: Shards, group=None, what: str = "gather",
     if stats is not None:
         stats.bytes_sent += buf.numel() * buf.element_size()
     return torch.cat([p[:s] for p, s in zip(parts, sh.sizes)]).to(local.device)
+
+
+def gather_varying(local: torch.Tensor, sh: Shards, group=None, what: str = "gather",
+                   stats: CommStats | None = None) -> torch.Tensor:
+    """Like `gather`, for any subset of each shard's rows (at most its size): the row count travels in
+    the same message, as float64 (which holds float16/32/64, bool and integers below 2^53 exactly)."""
+    if local.shape[0] > sh.size:
+        raise FMTTInputError(f"rank {sh.rank} sends {local.shape[0]} rows, more than its shard's {sh.size}.")
+    dev = comm_device(group)
+    row = math.prod(local.shape[1:])
+    flat = local.detach().reshape(local.shape[0], row).to(dev, torch.float64)
+    buf = torch.zeros(1 + max(sh.sizes) * row, dtype=torch.float64, device=dev)
+    buf[0] = local.shape[0]
+    buf[1:1 + flat.numel()] = flat.reshape(-1)
+    parts = [torch.empty_like(buf) for _ in range(sh.world)]
+    with _collective(what, group, stats):
+        dist.all_gather(parts, buf, group=group)
+    if stats is not None:
+        stats.bytes_sent += buf.numel() * buf.element_size()
+    rows = [p[1:1 + int(p[0]) * row] for p in parts]
+    return torch.cat(rows).reshape(-1, *local.shape[1:]).to(local.device, local.dtype)
 
 
 def check_agree(value, sh: Shards, group=None, what: str = "settings", stats: CommStats | None = None) -> None:
@@ -287,6 +312,7 @@ def move_particles(tensors: Sequence[torch.Tensor], plan: MovePlan, sh: Shards, 
                 req.wait()
     if stats is not None:
         stats.bytes_sent += bytes_sent
+        stats.rows_received += plan.moved * len(tensors)
     out = []
     for t, bufs in zip(tensors, inbox):
         pool = torch.cat([t] + [bufs[src].to(t.device) for src in sorted(bufs)]) if bufs else t
@@ -303,3 +329,114 @@ def shard_of_full_draw(generator: torch.Generator, n: int, tail: Sequence[int], 
     population's noise from the shared generator and keeps its rows. Costs the RNG work of N rows per
     rank (small next to a model call) and keeps every rank's generator in lock-step with one process's."""
     return sh.local(torch.randn((n, *tail), generator=generator, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the population object of the samplers, sharded
+
+class DistributedPopulation(Population):
+    """`Population` with this rank's shard of the particles: pass it as `population=` to fmtt_sample or
+    a baseline, with x_init holding this rank's rows (`pop.local(x_full)`, or built from `pop.start`).
+
+    Randomness is already sharding-free in `Population` (noise from (seed, step, global index),
+    resampling uniforms from (seed, step)). Per-particle scalars (log-weights, rewards) are gathered,
+    so normalisation, ESS, ancestors and top-k are those of one process, bit for bit; particles move
+    only when resampling sends them. Every rank gets the whole final population (`gather`).
+    """
+
+    def __init__(self, size: int, seed: int = 0, group=None, check: bool = True):
+        super().__init__(size, seed)
+        self.group = group
+        self.shards = shards_for(self.size, group)
+        self.start, self.count = self.shards.start, self.shards.size
+        self.stats = CommStats()
+        self._ancestors = None  # (local rows, whole vector, plan) of the last resampling
+        if check:
+            check_agree((self.size, self.seed), self.shards, group, "the particle count and seed", self.stats)
+
+    @property
+    def rank(self) -> int:
+        return self.shards.rank
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole-population tensor (e.g. x_init)."""
+        return self.shards.local(full)
+
+    def _all(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return gather(t, self.shards, self.group, what, self.stats)
+
+    # --- reductions: per-particle scalars are gathered and reduced in slot order (one process's sum);
+    # wider tensors are all-reduced (equal up to round-off).
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 1:  # any subset of the shard's rows (e.g. the defect probe's), in slot order
+            return gather_varying(t, self.shards, self.group, "sum", self.stats).sum(0)
+        out = t.sum(0).to(comm_device(self.group)).clone()
+        with _collective("sum", self.group, self.stats):
+            dist.all_reduce(out, group=self.group)
+        return out.to(t.device)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        # The rows may be any subset of the shard (e.g. its finite rewards), possibly none.
+        dev = comm_device(self.group)
+        m = t.max(0).values if t.shape[0] else torch.full(t.shape[1:], -torch.inf, dtype=t.dtype)
+        m = m.to(dev).clone()
+        with _collective("max", self.group, self.stats):
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        return m.to(t.device)
+
+    # --- weights
+    def normalize(self, log_w: torch.Tensor) -> torch.Tensor:
+        return self.local(super().normalize(self._all(log_w, "normalise log-weights")))
+
+    def ess(self, log_w: torch.Tensor) -> float:
+        return super().ess(self._all(log_w, "effective sample size"))
+
+    # --- moving particles
+    def ancestors(self, log_w: torch.Tensor, scheme: str, step: int) -> torch.Tensor:
+        whole = super().ancestors(self._all(log_w, "resampling weights"), scheme, step)
+        return self._remember(whole)
+
+    def select_top(self, r: torch.Tensor, keep: int) -> torch.Tensor:
+        return self._remember(super().select_top(self._all(r, "search selection rewards"), keep))
+
+    def _remember(self, whole: torch.Tensor) -> torch.Tensor:
+        mine = self.local(whole)
+        self._ancestors = (mine, whole, plan_moves(whole, self.shards))
+        return mine
+
+    def take(self, t: torch.Tensor | None, ancestors: torch.Tensor) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if self._ancestors is not None and ancestors is self._ancestors[0]:
+            plan = self._ancestors[2]
+        else:  # ancestors computed elsewhere: every rank needs the whole vector to know what to send
+            plan = plan_moves(self._all(ancestors.long(), "ancestors"), self.shards)
+        return move_particles([t], plan, self.shards, self.group, self.stats)[0]
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all(t, "collect the final population")
+
+
+def total_nfe(nfe: NFE, group=None, stats: CommStats | None = None) -> NFE:
+    """Every rank's evaluation counters summed: each rank counts the model calls of its own shard,
+    the sum is what one process holding all the particles would have counted."""
+    counts = torch.tensor([getattr(nfe, k) for k in NFE.__dataclass_fields__], dtype=torch.int64)
+    counts = counts.to(comm_device(group))
+    with _collective("sum the NFE counters", group, stats):
+        dist.all_reduce(counts, group=group)
+    return NFE(*[int(c) for c in counts.cpu()])
+
+
+def sharded(sampler, group=None):
+    """`sampler` (fmtt_sample or a baseline) with its population spread over the group's ranks.
+
+    Every rank calls the result with the same arguments, x_init being the WHOLE population; each rank
+    then evaluates only its shard, and every rank returns the one-process result (NFE summed over
+    the ranks). The population's seed is the config's, as in one process.
+    """
+    def run(denoiser, x_init, times, *, config=None, **kw):
+        pop = DistributedPopulation(x_init.shape[0], config.seed if config is not None else 0, group)
+        res = sampler(denoiser, pop.local(x_init), times, config=config, population=pop, **kw)
+        res.nfe = total_nfe(res.nfe, group, pop.stats)
+        return res
+    return run

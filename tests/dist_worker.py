@@ -98,9 +98,13 @@ def sampler_problem(args):
     x_init = torch.randn((args["n"], 2), generator=torch.Generator().manual_seed(args.get("seed", 0)),
                          dtype=torch.float64)
     reward = quadratic_reward(torch.tensor([4.0, 0.0], dtype=torch.float64), 0.5)
+    if args.get("holes"):  # non-finite rewards on the far side of the ring: those particles get weight zero
+        smooth = reward
+        reward = lambda x: torch.where(x[:, 0] < -3.0, torch.nan, smooth(x))  # noqa: E731
     cfg = FMTTConfig(mode=args.get("mode", "exact"), reward_scale=args.get("beta", 2.0),
                      ess_threshold=args.get("ess_threshold", 0.9), resampling=args.get("resampling", "systematic"),
-                     chunk_size=args.get("chunk"), search_steps=3, seed=args.get("seed", 0))
+                     chunk_size=args.get("chunk"), search_steps=3, defect_probe=args.get("probe", 0),
+                     seed=args.get("seed", 0))
     lookahead = FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, 8))
     return gm, x_init, time_grid(args.get("steps", 10)), reward, cfg, lookahead
 
@@ -125,7 +129,7 @@ def run_method(args, population=None, x_init=None):
 def result_dict(res) -> dict:
     out = {"samples": res.samples, "log_weights": res.log_weights, "rewards": res.rewards,
            "thermo": torch.tensor([res.thermodynamic_length], dtype=torch.float64)}
-    for name in ("ess", "resampled", "reward_mean", "reward_max", "valid"):
+    for name in ("ess", "resampled", "reward_mean", "reward_max", "valid", "defect"):
         out[f"trace_{name}"] = torch.tensor([float(getattr(s, name)) for s in res.trace], dtype=torch.float64)
     out["nfe"] = torch.tensor(list(res.nfe.as_dict().values()))
     return out

@@ -1,7 +1,7 @@
 """FMTT and the baselines on a population sharded over 2 and 3 gloo processes give the particles,
 weights, rewards and resampling events of the single-process run with the same seed: uneven
 shards, every resampling scheme, resampling that moves particles across ranks, chunked model
-calls, search and zero-order modes."""
+calls, search and zero-order modes, particles with non-finite rewards, the Eulerian-defect probe."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -33,12 +33,14 @@ RUNS = {
         dict(method="guidance", n=5, beta=0.5, steps=6),
         dict(method="best_of_n", n=6, steps=6)],
     3: [dict(method="fmtt", mode="exact", n=10, resampling="multinomial", chunk=2),
-        dict(method="fmtt", mode="search", n=11, steps=12),
+        dict(method="fmtt", mode="search", n=11, steps=12, holes=True),
+        dict(method="fmtt", mode="exact", n=10, steps=8, holes=True, probe=3, ess_threshold=0.7),
         dict(method="fk", potential="max", n=8, resampling="residual", beta=1.0, ess_threshold=1.0),
         dict(method="fmtt", mode="exact", n=3, resampling="residual", ess_threshold=1.0, steps=6)],
 }
 
 
+@pytest.mark.filterwarnings("ignore:FMTT.*non-finite reward:RuntimeWarning")
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_samplers_equal_one_process(tmp_path, world):
     ranks = dist_tools.results_of(dist_tools.launch("samplers", world, tmp_path, {"runs": RUNS[world]},
