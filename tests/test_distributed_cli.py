@@ -1,11 +1,15 @@
 """`torchrun --nproc-per-node K -m fmtt_demo.cli demo` shards every method's population over K gloo
-processes and prints the table one process prints (wall time aside); only rank 0 prints and writes."""
+processes and prints the table one process prints (wall time aside); only rank 0 prints and writes.
+The analytic model's runs are equal bit for bit (test_distributed_sampler.py); the demo's networks are
+equal to float32 round-off, with the same resampling events."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ARGS = ["demo", "--particles", "10", "--steps", "8", "--samples", "4", "--seed", "3", "--no-progress"]
 
@@ -36,5 +40,17 @@ def test_torchrun_demo_prints_the_one_process_table(tmp_path):
     assert len(a["methods"]) == len(b["methods"]) == 7
     for ma, mb in zip(a["methods"], b["methods"]):
         ma.pop("seconds"), mb.pop("seconds")
-        # Every metric, the NFE counts and the whole trace (ESS, resampling events, rewards), exactly.
-        assert json.dumps(ma) == json.dumps(mb), ma["key"]
+        assert (ma["key"], ma["particles"], ma["nfe"], ma["resamples"], ma["judge_histogram"]) == \
+            (mb["key"], mb["particles"], mb["nfe"], mb["resamples"], mb["judge_histogram"])
+        assert [s["resampled"] for s in ma["trace"]] == [s["resampled"] for s in mb["trace"]], ma["key"]
+        # The demo's networks round differently for a batch of 10 and one of 3 or 4 (float32 kernels chosen
+        # by batch size, as with chunk_size in one process): values agree to round-off, not bit for bit.
+        assert _floats(ma) == pytest.approx(_floats(mb), rel=1e-5, abs=1e-6, nan_ok=True), ma["key"]
+
+
+def _floats(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [v for k in sorted(tree) for v in _floats(tree[k])]
+    if isinstance(tree, list):
+        return [v for item in tree for v in _floats(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
