@@ -7,8 +7,9 @@ number of processes, next to one process (no process group) in the same run.
 K-process rows are launched with torchrun (torch.distributed.run, gloo on the CPU, one thread per rank);
 the one-process row runs FMTT with no process group at all. "comm s" is the time rank 0 spent inside
 collectives (gathering log-weights / rewards, moving resampled particles, collecting the result),
-waiting for slower ranks included; "same" checks the final particles and weights against the
-one-process run, bit for bit. Writes bench/results/distributed.{json,md} (not with --quick).
+waiting for slower ranks included. "max diff" is the largest difference of a final particle's
+coordinate or normalised weight from the one-process run: 0 when the model's outputs per row do not
+depend on the batch size; float32 round-off otherwise (a shard is a smaller batch). Writes bench/results/distributed.{json,md} (not with --quick).
 """
 from __future__ import annotations
 
@@ -65,12 +66,12 @@ class HeavyDenoiser(torch.nn.Module):
 
 
 def _heavy(quick: bool):
-    dim, width, depth, n, steps = (256, 512, 2, 8, 4) if quick else (1024, 4096, 3, 32, 12)
+    dim, width, depth, n, steps = (256, 512, 2, 8, 4) if quick else (1024, 4096, 3, 32, 16)
     model = HeavyDenoiser(dim, width, depth).requires_grad_(False)
     target = torch.linspace(-1, 1, dim)
     reward = lambda x: -((x - target) ** 2).mean(1)  # noqa: E731
     x = torch.randn((n, dim), generator=torch.Generator().manual_seed(0))
-    cfg = fc.FMTTConfig(mode="exact", reward_scale=20.0, ess_threshold=0.7, seed=0)
+    cfg = fc.FMTTConfig(mode="exact", reward_scale=200.0, ess_threshold=0.7, seed=0)
     return x, fc.time_grid(steps), dict(denoiser=model, reward=reward, config=cfg)
 
 
@@ -101,7 +102,8 @@ def worker(workload: str, quick: bool, out: Path) -> None:
     wall = torch.tensor([seconds], dtype=torch.float64)
     dist.all_reduce(wall, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        torch.save({"samples": res.samples, "log_weights": res.log_weights}, out / "result.pt")
+        torch.save({"samples": res.samples, "log_weights": res.log_weights,
+                    "resampled": torch.tensor([s.resampled for s in res.trace])}, out / "result.pt")
         (out / "stats.json").write_text(json.dumps({
             "wall_s": float(wall), "comm_s": pop.stats.seconds, "bytes_sent": pop.stats.bytes_sent,
             "rows_received": pop.stats.rows_received, "resamples": res.n_resamples}))
@@ -140,22 +142,25 @@ def main(argv=None) -> int:
         res, seconds, n = run(workload, args.quick)
         rows.append({"workload": workload, "particles": n, "processes": "1 (no group)", "wall_s": seconds,
                      "speedup": 1.0, "comm_s": 0.0, "comm_share": 0.0, "rows_received": 0, "bytes_sent": 0,
-                     "resamples": res.n_resamples, "same": True})
+                     "resamples": res.n_resamples, "max_diff": 0.0, "same_events": True})
         for k in procs:
             s = launch(workload, k, args.quick)
-            same = (torch.equal(s["result"]["samples"], res.samples)
-                    and torch.equal(s["result"]["log_weights"], res.log_weights))
+            diff = max(float((s["result"]["samples"] - res.samples).abs().max()),
+                       float((s["result"]["log_weights"].exp() - res.weights).abs().max()))
+            events = torch.equal(s["result"]["resampled"], torch.tensor([t.resampled for t in res.trace]))
             rows.append({"workload": workload, "particles": n, "processes": str(k), "wall_s": s["wall_s"],
                          "speedup": seconds / s["wall_s"], "comm_s": s["comm_s"],
                          "comm_share": s["comm_s"] / s["wall_s"], "rows_received": s["rows_received"],
-                         "bytes_sent": s["bytes_sent"], "resamples": s["resamples"], "same": same})
+                         "bytes_sent": s["bytes_sent"], "resamples": s["resamples"], "max_diff": diff,
+                         "same_events": events})
     table = ["| workload | N | processes | wall s | speed-up | comm s (rank 0) | comm share | rows moved | "
-             "MB sent (rank 0) | resamplings | same as 1 process |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "MB sent (rank 0) | resamplings | max diff vs 1 process | same resampling steps |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         table.append(f"| {r['workload']} | {r['particles']} | {r['processes']} | {r['wall_s']:.2f} | "
                      f"{r['speedup']:.2f}x | {r['comm_s']:.3f} | {r['comm_share']:.1%} | {r['rows_received']} | "
-                     f"{r['bytes_sent'] / 1e6:.2f} | {r['resamples']} | {'yes' if r['same'] else 'NO'} |")
+                     f"{r['bytes_sent'] / 1e6:.2f} | {r['resamples']} | {r['max_diff']:.1e} | "
+                     f"{'yes' if r['same_events'] else 'NO'} |")
     note = (f"Machine: {os.cpu_count()} CPU cores, one thread per process, gloo over localhost; with more "
             "processes than cores the ranks share cores and the speed-up is capped by the machine, not the method.")
     print("\n".join(table) + "\n\n" + note)
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "distributed.json").write_text(json.dumps({"rows": rows, "note": note}, indent=1))
         (RESULTS / "distributed.md").write_text("\n".join(table) + "\n\n" + note + "\n")
-    return 0 if all(r["same"] for r in rows) else 1
+    return 0 if all(r["same_events"] for r in rows) else 1
 
 
 if __name__ == "__main__":
