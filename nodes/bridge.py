@@ -10,6 +10,7 @@ in both, so the core never needs to know which model it drives.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -165,10 +166,13 @@ def _recomputed(block_forward):
         tensors, rebuild_call = _tensor_leaves((args, kwargs))
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return block_forward(*args, **kwargs)  # nothing to differentiate: the plain call
+        # The recompute runs in the context variables of this call (a flow-map LoRA is active only inside its
+        # look-ahead calls), whichever thread runs the backward pass.
+        context = contextvars.copy_context()
 
         def run(inputs):
             call_args, call_kwargs = rebuild_call([t.clone() for t in inputs])
-            return block_forward(*call_args, **call_kwargs)
+            return context.run(block_forward, *call_args, **call_kwargs)
 
         box = {}
         outputs = _RecomputedBlock.apply(run, box, *tensors)

@@ -1,14 +1,35 @@
 """What the steering did, for people: a plot (reward, ESS, resampling events over the steps) and a text summary
-with the NFE breakdown. Drawn with Pillow (a ComfyUI dependency) so the pack needs no plotting library."""
+with the NFE breakdown, the memory plan and the run's warnings. Drawn with Pillow (a ComfyUI dependency) so the
+pack needs no plotting library."""
 from __future__ import annotations
 
 import math
+import textwrap
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .sampler import Diagnostics
+
+@dataclass
+class Diagnostics:
+    """Filled by the sampler each time it runs; read by the diagnostics node (FMTT_DIAGNOSTICS)."""
+
+    runs: list = field(default_factory=list)  # one fmtt_core FMTTResult per population
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    sigmas: list = field(default_factory=list)
+    memory: str = ""  # the chunk size chosen and why (fmtt_core.memory.MemoryPlan)
+    warnings: list = field(default_factory=list)  # what went wrong in this run, in words for the user
+
+    def reset(self, settings: dict, sigmas, memory: str = "") -> None:
+        self.runs, self.settings, self.seconds, self.sigmas = [], settings, 0.0, [float(s) for s in sigmas]
+        self.memory, self.warnings = memory, []
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
 
 WIDTH, PANEL_H, MARGIN = 640, 200, 48
 COLORS = {"mean": (31, 119, 180), "max": (255, 127, 14), "ess": (44, 160, 44), "resample": (214, 39, 40),
@@ -60,12 +81,14 @@ def _range(values):
 
 def plot(diag: Diagnostics) -> torch.Tensor:
     """IMAGE [1, H, W, 3] in [0, 1]: reward (weighted mean and max of the look-ahead reward), ESS / N with the
-    resampling threshold, and resampling / selection events (red lines), population 0 solid."""
-    height = 2 * PANEL_H + 36
+    resampling threshold, and resampling / selection events (red lines), population 0 solid; the run's
+    warnings in red below."""
+    notes = [line for w in diag.warnings for line in textwrap.wrap("! " + w, width=WIDTH // 7 - 4)]
+    height = 2 * PANEL_H + 36 + 14 * len(notes)
     img = Image.new("RGB", (WIDTH, height), "white")
     draw = ImageDraw.Draw(img)
     if not diag.runs:
-        draw.text((MARGIN, height // 2), "FMTT: no sampling run recorded yet.", fill=COLORS["axis"])
+        draw.text((MARGIN, PANEL_H), "FMTT: no sampling run recorded yet.", fill=COLORS["axis"])
     else:
         run = diag.runs[0]
         steps = len(run.trace)
@@ -76,39 +99,56 @@ def plot(diag: Diagnostics) -> torch.Tensor:
         events = [i for i, s in enumerate(run.trace) if s.resampled]
         _panel(draw, 0, "look-ahead reward r(X_t,1) per step", [("mean (weighted)", COLORS["mean"], mean),
                ("max", COLORS["max"], best)], _range(mean + best), steps, events)
-        _panel(draw, PANEL_H, "ESS / particles (red lines: resampling or selection; grey: threshold)", [("ESS/N", COLORS["ess"], ess)],
-               (0.0, 1.05), steps, events, hline=diag.settings.get("ess_threshold"))
+        _panel(draw, PANEL_H, "ESS / particles (red lines: resampling or selection; grey: threshold)",
+               [("ESS/N", COLORS["ess"], ess)], (0.0, 1.05), steps, events, hline=diag.settings.get("ess_threshold"))
         draw.text((MARGIN, 2 * PANEL_H + 8), f"steps 1..{steps}   particles {n}   {run.method}",
                   fill=COLORS["axis"])
+    for i, line in enumerate(notes):
+        draw.text((8, 2 * PANEL_H + 30 + 14 * i), line, fill=COLORS["resample"])
     array = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(array).unsqueeze(0)
 
 
+def _settings_lines(diag: Diagnostics) -> list[str]:
+    s, run = diag.settings, diag.runs[0]
+    return [f"FMTT {s.get('mode')} | reward: {s.get('reward')} x {s.get('reward_scale')} | "
+            f"look-ahead: {s.get('lookahead')}",
+            f"{len(diag.runs)} population(s) x {run.log_weights.numel()} particles, {len(run.trace)} steps, "
+            f"eta {s.get('eta')}, ESS threshold {s.get('ess_threshold')}, {s.get('resampling')} resampling, "
+            f"output: {s.get('output')}",
+            f"time {diag.seconds:.1f} s; memory: {diag.memory or 'not planned'}"]
+
+
+def _population_line(b: int, run) -> str:
+    """Final rewards, ESS and resampling of one population, as the core's result reports them."""
+    r = run.rewards.double()
+    ok = torch.isfinite(r)
+    if ok.any():
+        w = run.weights.double()[ok]
+        rewards = (f"best {float(r[run.best_index]):.4g}, mean {float(r[ok].mean()):.4g}, weighted mean "
+                   f"{float((w * r[ok]).sum() / w.sum()):.4g}")
+    else:
+        rewards = "not finite"
+    return (f"[{b}] final reward {rewards}; final ESS {run.ess:.2f}/{run.log_weights.numel()}; {run.n_resamples} "
+            f"resampling/selection step(s); thermodynamic length {run.thermodynamic_length:.3g}")
+
+
+def _nfe_lines(diag: Diagnostics) -> list[str]:
+    """The core's NFE counters, summed over the populations."""
+    total = type(diag.runs[0].nfe)()
+    for run in diag.runs:
+        for k, v in vars(run.nfe).items():
+            total.add(k, v)
+    particles = sum(run.log_weights.numel() for run in diag.runs)
+    return [f"NFE (particle-evaluations): {total}",
+            "NFE per particle: " + ", ".join(f"{k} {v:.1f}" for k, v in total.per_particle(particles).items())]
+
+
 def summary(diag: Diagnostics) -> str:
-    """Plain-text report of the last run: settings, rewards, ESS, resampling and where the compute went."""
+    """Plain-text report of the last run: settings, memory plan, rewards, ESS, resampling, where the compute went,
+    and the run's warnings."""
     if not diag.runs:
-        return "FMTT: no sampling run recorded yet (connect the sampler's output latent so this runs after it)."
-    s = diag.settings
-    n = diag.runs[0].log_weights.numel()
-    lines = [f"FMTT {s.get('mode')} | reward: {s.get('reward')} x {s.get('reward_scale')} | "
-             f"look-ahead: {s.get('lookahead')}",
-             f"{len(diag.runs)} population(s) x {n} particles, {len(diag.runs[0].trace)} steps, eta {s.get('eta')}, "
-             f"ESS threshold {s.get('ess_threshold')}, {s.get('resampling')} resampling, output: {s.get('output')}",
-             f"time {diag.seconds:.1f} s"]
-    for b, run in enumerate(diag.runs):
-        r = run.rewards.double()
-        finite = r[torch.isfinite(r)]
-        w = run.weights.double()
-        weighted = float((w[torch.isfinite(r)] * finite).sum() / w[torch.isfinite(r)].sum()) if finite.numel() else math.nan
-        best = f"{float(finite.max()):.4g}" if finite.numel() else "nan"
-        mean = f"{float(finite.mean()):.4g}" if finite.numel() else "nan"
-        lines.append(f"[{b}] final reward best {best}, mean {mean}, weighted mean {weighted:.4g}; final ESS "
-                     f"{run.ess:.2f}/{n}; {run.n_resamples} resampling/selection step(s); thermodynamic length "
-                     f"{run.thermodynamic_length:.3g}")
-    total = {k: sum(getattr(run.nfe, k) for run in diag.runs) for k in
-             ("denoiser", "lookahead", "decoder", "reward", "backward")}
-    particles = n * len(diag.runs)
-    lines.append("NFE (particle-evaluations): " + ", ".join(f"{k} {v}" for k, v in total.items())
-                 + f"; model total {total['denoiser'] + total['lookahead']}")
-    lines.append("NFE per particle: " + ", ".join(f"{k} {v / particles:.1f}" for k, v in total.items()))
-    return "\n".join(lines)
+        text = "FMTT: no sampling run recorded yet (connect the sampler's output latent so this runs after it)."
+        return "\n".join([text] + [f"WARNING: {w}" for w in diag.warnings])
+    lines = _settings_lines(diag) + [_population_line(b, run) for b, run in enumerate(diag.runs)] + _nfe_lines(diag)
+    return "\n".join(lines + [f"WARNING: {w}" for w in diag.warnings])

@@ -2,7 +2,8 @@
 
 models/reward_models/   reward weights: single files (HPSv2 .pt, aesthetic head, ImageReward.pt, open_clip
                         .safetensors) and model folders (transformers CLIP / PickScore, VLMs, tokenizers)
-models/fmtt_flow_maps/  learned flow maps in the pack's format (flow_map_file.py)
+models/fmtt_flow_maps/  learned flow maps: the pack's format (fmtt_core.flow_maps.conv_resnet) and two-time
+                        flow-map LoRAs (FLUX, FMRG)
 """
 from __future__ import annotations
 

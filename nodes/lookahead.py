@@ -1,11 +1,13 @@
 """FMTT_LOOKAHEAD: what the look-ahead nodes hand to the sampler, turned into fmtt_core look-aheads at sampling time.
 
 A spec is built when the graph runs but resolved only inside the sampler, because the base model's denoiser
-(and a companion model's) exist only while ComfyUI is sampling.
+(and a companion model's) exist only while ComfyUI is sampling. Every spec follows one small protocol
+(LookaheadSpec); the sampler knows nothing else about it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -15,8 +17,41 @@ from ..fmtt_core import CompanionLookahead, DenoiserLookahead, FlowMapLookahead,
 from .bridge import clock_of, core_denoiser, guided_parts
 
 
+@runtime_checkable
+class LookaheadSpec(Protocol):
+    """What a look-ahead node hands to the sampler.
+
+    describe()  one line for the diagnostics
+    build(denoiser, companion)  the fmtt_core look-ahead, from the base model's denoiser D(x, t) (and the
+                companion's, prepared by run_with)
+    modules()   torch modules of the spec's own that gradients flow through (made differentiable by the sampler)
+    run_with(base_model, x, sigmas, seed, body)  run the sampling `body(companion=None, companion_modules=())`
+                with whatever the spec needs prepared around it (a second model loaded, a LoRA installed, ...)
+    """
+
+    kind: str
+
+    def describe(self) -> str: ...
+
+    def build(self, denoiser, companion=None): ...
+
+    def modules(self) -> list: ...
+
+    def run_with(self, base_model, x, sigmas, seed, body): ...
+
+
+class _Plain:
+    """Defaults for specs that need nothing prepared and own no modules."""
+
+    def modules(self):
+        return []
+
+    def run_with(self, base_model, x, sigmas, seed, body):
+        return body()
+
+
 @dataclass(frozen=True)
-class BaseModelLookahead:
+class BaseModelLookahead(_Plain):
     """(a) the base model's denoiser D(x, t), or (b) k ODE steps of the base model."""
 
     kind: str = "denoiser"  # "denoiser" | "ode"
@@ -29,12 +64,14 @@ class BaseModelLookahead:
             return DenoiserLookahead(denoiser)
         return ODELookahead(denoiser, steps=self.steps, solver=self.solver, checkpoint=self.checkpoint)
 
-    def modules(self):
-        return []
+    def describe(self) -> str:
+        if self.kind == "denoiser":
+            return "denoiser (1 step of the base model)"
+        return f"ODE of the base model, {self.steps} {self.solver} steps"
 
 
 @dataclass(frozen=True, eq=False)
-class CompanionModelLookahead:
+class CompanionModelLookahead(_Plain):
     """(c) k steps of a second model sharing the latent space, with its own conditioning."""
 
     model: object  # ComfyUI ModelPatcher
@@ -51,7 +88,10 @@ class CompanionModelLookahead:
             raise FMTTInputError("FMTT: internal error, the companion model was not prepared.")
         return CompanionLookahead(companion, steps=self.steps, solver=self.solver, checkpoint=self.checkpoint)
 
-    def run_with(self, base_model, noise_shape, sigmas, seed, body):
+    def describe(self) -> str:
+        return f"companion model, {self.steps} {self.solver} steps, cfg {self.cfg}"
+
+    def run_with(self, base_model, x, sigmas, seed, body):
         """Run body(companion_denoiser, companion_modules) while ComfyUI has the companion prepared for sampling.
 
         The companion goes through ComfyUI's own sampling entry (CFGGuider.sample) with a sampler function that
@@ -72,7 +112,7 @@ class CompanionModelLookahead:
             box["out"] = body(core_denoiser(fn, clock), [companion_base.diffusion_model])
             return x
 
-        zeros = torch.zeros((1, *noise_shape[1:]), dtype=torch.float32)
+        zeros = torch.zeros((1, *x.shape[1:]), dtype=torch.float32)
         guider.sample(zeros, zeros.clone(), comfy.samplers.KSAMPLER(capture), sigmas.cpu(), seed=seed)
         return box["out"]
 
@@ -90,8 +130,8 @@ def check_companion(base_model, companion_base) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class FlowMapFileLookahead:
-    """(d) a learned two-time flow map X_{s,t} read from a file in the pack's format (flow_map_file.py)."""
+class FlowMapFileLookahead(_Plain):
+    """(d) a learned two-time flow map X_{s,t} read from a file in the pack's format (fmtt_core.flow_maps)."""
 
     network: torch.nn.Module
     name: str
@@ -107,11 +147,15 @@ class FlowMapFileLookahead:
 
         return FlowMapLookahead(flow_map, jumps=self.jumps, checkpoint=self.checkpoint)
 
+    def describe(self) -> str:
+        return f"flow map '{self.name}', {self.jumps} jump(s)"
+
     def modules(self):
         return [self.network]
 
-    def to(self, device):
-        self.network.to(device)
+    def run_with(self, base_model, x, sigmas, seed, body):
+        self.network.to(x.device)
+        return body()
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
@@ -119,10 +163,4 @@ def _dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def describe(spec) -> str:
-    if spec is None or (isinstance(spec, BaseModelLookahead) and spec.kind == "denoiser"):
-        return "denoiser (1 step of the base model)"
-    if isinstance(spec, BaseModelLookahead):
-        return f"ODE of the base model, {spec.steps} {spec.solver} steps"
-    if isinstance(spec, CompanionModelLookahead):
-        return f"companion model, {spec.steps} {spec.solver} steps, cfg {spec.cfg}"
-    return f"flow map '{spec.name}', {spec.jumps} jump(s)"
+    return (spec if spec is not None else BaseModelLookahead("denoiser")).describe()

@@ -1,4 +1,5 @@
-"""Sampler, look-ahead and diagnostics nodes. The sampling itself is fmtt_core's (through sampler.py)."""
+"""Sampler, look-ahead and diagnostics nodes. The sampling itself is fmtt_core's (through comfy_sampler.py);
+the FMTT settings' widgets come from the table in settings.py."""
 from __future__ import annotations
 
 import torch
@@ -11,94 +12,15 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io, ui
 
-from ..fmtt_core import MODES, SCHEMES
 from . import diagnostics as diag
-from .flow_map_file import load_flow_map
+from ..fmtt_core.flow_maps import load_flow_map
+from .comfy_sampler import ksampler
 from .folders import FLOW_MAPS, file_path
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
-from .sampler import OUTPUTS, FMTTSettings
-from .types import CATEGORY, Lookahead, Reward, SamplerDiagnostics
+from .settings import fmtt_inputs, settings_from
+from .types import CATEGORY, Lookahead, SamplerDiagnostics
 
 LOOKAHEAD_OUT = "The look-ahead X_t,1(x): where a particle at time t is predicted to land. Connect to an FMTT sampler."
-
-
-def fmtt_inputs() -> list:
-    """The FMTT settings shared by the SAMPLER node and the all-in-one KSampler."""
-    return [
-        Reward.Input("reward", tooltip="What to steer toward: an FMTT reward (CLIP, PickScore, VLM question, "
-                                       "mask, ... or a weighted sum)."),
-        io.Vae.Input("vae", tooltip="The model's VAE (or a TAESD of the same latent space, cheaper): particles "
-                                    "are decoded with it, differentiably, before the reward scores them."),
-        Lookahead.Input("lookahead", optional=True,
-                        tooltip="How to predict a particle's final image: an FMTT look-ahead node. Unconnected: "
-                                "the base model's denoiser (cheapest, least accurate early on)."),
-        io.Combo.Input("mode", options=list(MODES), default="exact",
-                       tooltip="exact: reward-gradient drift + importance weights + resampling (samples "
-                               "p(x) exp(scale r(x))). search: gradient drift + keep-the-best selections (highest "
-                               "rewards, no weights). zero_order: no gradients, weights + resampling only "
-                               "(cheapest, still exact)."),
-        io.Int.Input("particles", default=4, min=1, max=4096,
-                     tooltip="Particles per latent in the batch. More particles: better steering, proportionally "
-                             "more compute."),
-        io.Float.Input("reward_scale", default=1.0, min=0.0, max=100000.0, step=0.01,
-                       tooltip="Tilt strength beta: the target is p(x) exp(beta r(x)). Scale it to the reward's "
-                               "range (CLIP ~100 x cos: try 0.1-1; HPSv2 ~0.3: try 20-100). 0: no steering."),
-        io.Float.Input("eta", default=1.0, min=0.0, max=10.0, step=0.01,
-                       tooltip="Stochasticity: noise level eps_t = eta (1 - t). The reward gradient acts through "
-                               "the noise, so eta = 0 means weights only."),
-        io.Float.Input("ess_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
-                       tooltip="Resample when the effective sample size falls below this fraction of the "
-                               "particles (0: never, 1: every step)."),
-        io.Combo.Input("resampling", options=list(SCHEMES), default="systematic",
-                       tooltip="Resampling scheme: systematic (lowest variance), stratified, multinomial, residual."),
-        io.Int.Input("chunk_size", default=0, min=0, max=4096,
-                     tooltip="Particles per forward / backward pass (0: all at once). Lower it when memory runs "
-                             "out; results do not change."),
-        io.Combo.Input("output", options=list(OUTPUTS), default="best",
-                       tooltip="Which particles to hand on: best (highest final reward), top_k (the output_count "
-                               "best), weighted_resample (output_count draws from the importance weights: "
-                               "samples of the tilted distribution)."),
-        io.Int.Input("output_count", default=1, min=1, max=4096,
-                     tooltip="How many particles per latent for top_k / weighted_resample."),
-        io.Float.Input("tilt_ramp", default=1.0, min=0.01, max=1.0, step=0.01, advanced=True,
-                       tooltip="Tilt schedule: lambda reaches 1 at this fraction of the trajectory (1.0: linear, "
-                               "the paper's lambda_t = t; 0.1: weights and resampling act only early)."),
-        io.Float.Input("grad_clip", default=0.0, min=0.0, max=100000.0, step=0.01, advanced=True,
-                       tooltip="Cap on the per-particle reward-gradient norm (0: off). Tames spiky rewards; "
-                               "makes exact mode approximate."),
-        io.Int.Input("search_steps", default=3, min=1, max=100, advanced=True,
-                     tooltip="search mode: number of keep-the-best selections over the first 3/4 of the steps."),
-        io.Int.Input("search_keep", default=0, min=0, max=4096, advanced=True,
-                     tooltip="search mode: particles kept at each selection (0: a quarter of them)."),
-        io.Combo.Input("weights", options=["auto", "eulerian", "advective"], default="auto", advanced=True,
-                       tooltip="Importance-weight formula. auto: eulerian for flow-map / ODE look-aheads, "
-                               "advective (exact for any look-ahead, one more look-ahead per step) otherwise."),
-        io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
-                         tooltip="Recompute each transformer block (FLUX-family models) in the backward pass instead "
-                                 "of storing its activations: far less memory per reward gradient, about one more "
-                                 "forward pass of time. Results do not change."),
-    ]
-
-
-FMTT_KEYS = ("reward", "vae", "lookahead", "mode", "particles", "reward_scale", "eta", "ess_threshold", "resampling",
-             "chunk_size", "output", "output_count", "tilt_ramp", "grad_clip", "search_steps", "search_keep",
-             "weights", "block_checkpointing")
-
-
-def settings_from(kwargs) -> FMTTSettings:
-    return FMTTSettings(**{k: kwargs[k] for k in FMTT_KEYS if k in kwargs})
-
-
-def check_counts(particles, output, output_count, mode="exact", search_keep=0) -> bool | str:
-    """Constant-input checks with messages that name the fix."""
-    if particles is not None and particles < 1:
-        return f"particles must be at least 1 (got {particles}): FMTT needs one or more particles per latent."
-    if None not in (particles, output, output_count) and output == "top_k" and output_count > particles:
-        return (f"output_count ({output_count}) is larger than particles ({particles}) with output top_k: lower "
-                "output_count or raise particles.")
-    if None not in (particles, search_keep) and mode == "search" and search_keep > particles:
-        return f"search_keep ({search_keep}) is larger than particles ({particles}): lower it (0 = a quarter)."
-    return True
 
 
 class FMTTSampler(io.ComfyNode):
@@ -115,13 +37,9 @@ class FMTTSampler(io.ComfyNode):
                                                tooltip="Connect to FMTT Diagnostics to see what the steering did.")])
 
     @classmethod
-    def validate_inputs(cls, particles, output, output_count, mode, search_keep):
-        return check_counts(particles, output, output_count, mode, search_keep)
-
-    @classmethod
     def execute(cls, **kwargs) -> io.NodeOutput:
         settings = settings_from(kwargs)
-        return io.NodeOutput(settings.sampler(), settings.diagnostics)
+        return io.NodeOutput(ksampler(settings), settings.diagnostics)
 
 
 class FMTTKSampler(io.ComfyNode):
@@ -155,15 +73,12 @@ class FMTTKSampler(io.ComfyNode):
                      io.String.Output(display_name="summary", tooltip="Text summary with the NFE breakdown.")])
 
     @classmethod
-    def validate_inputs(cls, particles, output, output_count, mode, search_keep):
-        return check_counts(particles, output, output_count, mode, search_keep)
-
-    @classmethod
     def execute(cls, model, seed, steps, cfg, scheduler, positive, negative, latent_image, denoise,
                 **kwargs) -> io.NodeOutput:
         if denoise <= 0:
             raise ValueError("FMTT KSampler: denoise is 0, nothing to sample; use a value in (0, 1].")
         settings = settings_from(kwargs)
+        sampler = ksampler(settings)  # checks the settings before any work
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"],
                                                          latent_image.get("downscale_ratio_spacial"),
                                                          latent_image.get("downscale_ratio_temporal"))
@@ -172,7 +87,7 @@ class FMTTKSampler(io.ComfyNode):
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, total).cpu()
         sigmas = sigmas[-(steps + 1):]
         callback = latent_preview.prepare_callback(model, steps)
-        samples = comfy.sample.sample_custom(model, noise, cfg, settings.sampler(), sigmas, positive, negative, latent,
+        samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
                                              noise_mask=latent_image.get("noise_mask"), callback=callback,
                                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         out = {k: v for k, v in latent_image.items()

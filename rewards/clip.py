@@ -11,7 +11,6 @@ transformers CLIP folder. Nothing is downloaded.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
-from .local_files import (PathLike, RewardFilesError, hub_offline, load_into, load_state_dict, require_file,
-                          require_folder)
+from .local_files import (PathLike, RewardFilesError, RewardWeightsError, check_folder_weights, hub_offline,
+                          load_into, load_state_dict, loading_errors, read_json, require_file, require_folder)
 from .preprocess import CLIP_MEAN, CLIP_STD, ClipTransform
 
 
@@ -155,15 +154,21 @@ def open_clip_backbone(arch: str, weights_path: PathLike, what: str) -> OpenClip
             f"{what}: open_clip architecture '{arch}' takes its text tower or tokenizer from the Hugging Face hub, "
             "which this pack never downloads. Use a CLIP architecture with open_clip's built-in tokenizer "
             "(ViT-*-* names), or a transformers CLIP folder with load_hf_clip_score.")
+    # The weights are read (and checked) before the model is built: building ViT-H-14 takes seconds and gigabytes,
+    # which a damaged file should not cost.
+    state = load_state_dict(path, what)
     with hub_offline(), _quiet_random_init_warning():
         # pretrained=None: open_clip must not resolve a tag (that downloads); weights come from `path` only.
         model = open_clip.create_model(arch, pretrained=None, pretrained_image=False)
-        state = load_state_dict(path, what)
         if "logit_scale" in state and state["logit_scale"].shape != model.logit_scale.shape:
             state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        load_into(model, state, what,
-                  f"Is '{path.name}' a checkpoint of open_clip architecture '{arch}'? "
-                  "Pass the architecture the weights were trained with (HPSv2: ViT-H-14).")
+        try:
+            load_into(model, state, what,
+                      f"Is '{path.name}' a checkpoint of open_clip architecture '{arch}'? "
+                      "Pass the architecture the weights were trained with (HPSv2: ViT-H-14).")
+        except RewardWeightsError:
+            del model, state  # the error's traceback keeps this frame: let the model and weights go
+            raise
         tokenizer = open_clip.get_tokenizer(arch)
     return OpenClipBackbone(model, tokenizer, cfg["embed_dim"])
 
@@ -212,15 +217,18 @@ def hf_clip_backbone(folder: PathLike, tokenizer_folder: PathLike | None, what: 
     else:
         folder = require_folder(folder, what, HF_MODEL_FILES)
         tokenizer_folder = require_folder(tokenizer_folder, f"{what} tokenizer", HF_TOKENIZER_FILES)
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    model_type = read_json(folder / "config.json", what).get("model_type")
     if model_type != "clip":
         raise RewardFilesError(f"{what}: '{folder / 'config.json'}' has model_type {model_type!r}, expected 'clip'. "
                                "Point to a transformers CLIPModel folder (e.g. PickScore_v1, clip-vit-large-patch14).")
+    check_folder_weights(folder, what)
     with hub_offline():
         from transformers import CLIPModel, CLIPTokenizerFast
 
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
-        tokenizer = CLIPTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
+        with loading_errors(what, folder, "model"):
+            model = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+        with loading_errors(what, tokenizer_folder, "tokenizer"):
+            tokenizer = CLIPTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
     transform = hf_image_transform(folder, model.config.vision_config.image_size)
     return HFClipBackbone(model.eval(), tokenizer, transform)
 
@@ -228,7 +236,7 @@ def hf_clip_backbone(folder: PathLike, tokenizer_folder: PathLike | None, what: 
 def hf_image_transform(folder: Path, image_size: int) -> ClipTransform:
     """Preprocessing from preprocessor_config.json when present, else the model's image size and CLIP stats."""
     path = folder / "preprocessor_config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg = read_json(path, "CLIP preprocessing") if path.is_file() else {}
 
     def side(value, key):  # transformers writes sizes as ints (old) or dicts (new)
         return value.get(key, value.get("height")) if isinstance(value, dict) else value

@@ -18,8 +18,8 @@ import torch
 from .aesthetic import AestheticMLP
 from .base import Reward
 from .clip import check_prompt
-from .local_files import (PathLike, RewardWeightsError, hub_offline, load_into, load_state_dict, require_file,
-                          require_folder)
+from .local_files import (PathLike, RewardWeightsError, hub_offline, load_into, load_state_dict, loading_errors,
+                          require_file, require_folder)
 from .preprocess import ClipTransform
 
 # Normalisation of the raw head output, from ImageReward.py (v1.0).
@@ -159,11 +159,16 @@ def load_imagereward(checkpoint_path: PathLike, tokenizer_folder: PathLike, prom
             raise RewardWeightsError(f"{what}: the checkpoint lacks entry {err} (key names after mapping to "
                                      "transformers' BLIP). Expected ImageReward.pt from THUDM/ImageReward.") from err
         vision, text = BlipVisionModel(vision_cfg), BlipTextModel(text_cfg, add_pooling_layer=False)
-        tokenizer = BertTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
+        with loading_errors(what, tokenizer_folder, "tokenizer"):
+            tokenizer = BertTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
     hint = "Is this the ImageReward v1.0 checkpoint (BLIP ViT-L/16 + BERT-base)?"
-    load_into(vision.eval(), vision_state, f"{what} image encoder", hint)
-    load_into(text.eval(), text_state, f"{what} text encoder", hint)
-    load_into(mlp, mlp_state, f"{what} head", hint)
+    try:
+        load_into(vision.eval(), vision_state, f"{what} image encoder", hint)
+        load_into(text.eval(), text_state, f"{what} text encoder", hint)
+        load_into(mlp, mlp_state, f"{what} head", hint)
+    except RewardWeightsError:
+        del vision, text, mlp, vision_state, text_state, mlp_state  # the traceback keeps this frame
+        raise
     # BLIP's tokenizer: BERT plus [DEC] (bos) and [ENC]; the checkpoint's vocabulary includes both.
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward, check_images
-from .local_files import RewardFilesError, hub_offline
+from .local_files import RewardFilesError, check_folder_weights, hub_offline, loading_errors, read_json
 
 ANSWER_MODES = ("log_prob", "prob", "log_odds")
 
@@ -374,7 +374,7 @@ def _missing_files(folder: Path) -> list[str]:
     if not has("config.json"):
         missing.append("config.json")
     if has("model.safetensors.index.json"):
-        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        index = read_json(folder / "model.safetensors.index.json", "VLM")
         missing += sorted({s for s in index.get("weight_map", {}).values() if not (folder / s).is_file()})
     elif not has("model.safetensors"):
         bins = sorted(p.name for p in folder.glob("*.bin"))
@@ -405,10 +405,11 @@ def check_vlm_folder(path: str | os.PathLike) -> Path:
     if missing:
         raise RewardFilesError(f"VLM folder {str(folder)!r} is incomplete; missing: {', '.join(missing)}.\n"
                                 f"It must contain:\n{expected}\n{how}")
-    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    model_type = read_json(folder / "config.json", "VLM").get("model_type")
     if model_type not in _MODEL_CLASSES:
         raise ValueError(f"{folder / 'config.json'} has model_type {model_type!r}; supported VLM families: "
                          f"{sorted(_MODEL_CLASSES)} (SmolVLM / Idefics3, Qwen2-VL, Qwen2.5-VL).")
+    check_folder_weights(folder, "VLM")  # a damaged weights file is named before gigabytes are built
     return folder
 
 
@@ -416,7 +417,7 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     """(model, processor) from a local folder, offline (local_files_only plus the HF offline variables while
     loading); see EXPECTED_FILES."""
     folder = check_vlm_folder(path)
-    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+    model_type = read_json(folder / "config.json", "VLM")["model_type"]
     with hub_offline():
         import transformers
         from packaging.version import Version
@@ -426,9 +427,12 @@ def load_vlm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
             raise ImportError(f"transformers {transformers.__version__} has no {_MODEL_CLASSES[model_type]}; "
                               "upgrade it: pip install -U transformers.")
         dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        model = model_class.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
-                                            use_safetensors=True, **{dtype_kw: dtype})
+        with loading_errors("VLM", folder, "processor (tokenizer, image processor, chat template)"):
+            processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True,
+                                                                   trust_remote_code=False)
+        with loading_errors("VLM", folder, "model"):
+            model = model_class.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                use_safetensors=True, **{dtype_kw: dtype})
     return model.eval(), processor
 
 

@@ -1,21 +1,14 @@
-"""The pack's flow-map file format (nodes/flow_map_file.py, pure torch): what a user exports is what the
-look-ahead node reads, X_{s,s} is the identity, and bad files get errors that say what is expected.
-
-nodes/ is loaded by ComfyUI only, so the module is read here by path under a private name."""
+"""The pack's flow-map file format (fmtt_core/flow_maps/conv_resnet.py, pure torch): what a user exports is what
+the look-ahead node reads, X_{s,s} is the identity, and bad files get errors that say what is expected."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-_path = Path(__file__).resolve().parents[1] / "nodes" / "flow_map_file.py"
-_spec = importlib.util.spec_from_file_location("fmtt_test_flow_map_file", _path)
-fmf = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fmf)
+from fmtt_core.flow_maps import conv_resnet as fmf
 
 
 def tiny(seed=0):

@@ -3,6 +3,7 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
 
   FMTTTestConditioning   random Flux-shaped CONDITIONING (no text encoder needed)
   FMTTTestNaNReward      an FMTT_REWARD that returns NaN (bad-input test)
+  FMTTTestLinearReward   an FMTT_REWARD with a gradient as steep as asked (run-warning test)
   FMTTTestLatentReport   shows a LATENT's values as text (exact comparisons through /history)
   FMTTTestGradientCheck  reward gradient through the MODEL (look-ahead + VAE + reward) against finite differences,
                          with and without block checkpointing, and the sampler run both ways
@@ -60,6 +61,30 @@ class TestNaNReward(io.ComfyNode):
         return io.NodeOutput(NaNReward())
 
 
+class LinearReward(torch.nn.Module):
+    name = "linear test reward"
+
+    def __init__(self, slope):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, images):
+        return self.slope * images.mean((1, 2, 3))
+
+
+class TestLinearReward(io.ComfyNode):
+    """slope x mean brightness: a reward whose gradient is as steep as asked (run-warning tests)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestLinearReward", category="testing",
+                         inputs=[io.Float.Input("slope", default=1.0, min=-1e9, max=1e9)], outputs=[Reward.Output()])
+
+    @classmethod
+    def execute(cls, slope):
+        return io.NodeOutput(LinearReward(slope))
+
+
 class TestLatentReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -101,7 +126,7 @@ class TestGradientCheck(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, reward, positive, seed, t, checkpoint, h):
         bridge, core = pack_module("nodes.bridge"), pack_module("fmtt_core")
-        sampler = pack_module("nodes.sampler")
+        settings_module, sampler = pack_module("nodes.settings"), pack_module("nodes.comfy_sampler")
         report = {}
 
         def probe(m, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -161,9 +186,9 @@ class TestGradientCheck(io.ComfyNode):
         runs = {}
         noise = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(seed))
         for blocks in (False, True):
-            settings = sampler.FMTTSettings(reward=reward, vae=vae, particles=2, block_checkpointing=blocks)
+            settings = settings_module.FMTTSettings(reward=reward, vae=vae, particles=2, block_checkpointing=blocks)
             counts, handles = block_calls(model.model.diffusion_model)
-            out = comfy.sample.sample_custom(model, noise.clone(), 1.0, settings.sampler(),
+            out = comfy.sample.sample_custom(model, noise.clone(), 1.0, sampler.ksampler(settings),
                                              torch.tensor([1.0, 0.75, 0.5, 0.0]), positive, positive, latent, seed=seed)
             for handle in handles:
                 handle.remove()
@@ -180,9 +205,22 @@ class TestGradientCheck(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 
+def _flux_flow_map_nodes():
+    """Test nodes of tests/integration/flux_flow_map_test_nodes.py, found through the linked pack."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfyui-fmtt", "tests",
+                        "integration", "flux_flow_map_test_nodes.py")
+    spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_test_nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NODES
+
+
 class TestExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TestConditioning, TestNaNReward, TestLatentReport, TestGradientCheck]
+        return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck,
+                *_flux_flow_map_nodes()]
 
 
 async def comfy_entrypoint():

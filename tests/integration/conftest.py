@@ -1,7 +1,9 @@
 """A real ComfyUI, headless on 127.0.0.1, with the pack installed and tiny random models built for it.
 
-Configure with COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (a python that runs it, default: this one).
-Without COMFYUI_PATH every test here is skipped with that reason. The server gets a temporary --base-directory
+Configure with COMFYUI_PATH (a ComfyUI checkout) and COMFYUI_PYTHON (a python that runs it, default: this one);
+COMFYUI_PORT chooses the server's port (default: a free one). Without COMFYUI_PATH every test here is skipped
+with that reason. The server runs with FMTT_MEMORY_BUDGET_MB=MEMORY_BUDGET_MB, so the memory guard's decisions do
+not depend on the machine's free memory. The server gets a temporary --base-directory
 whose custom_nodes/ holds a link to this checkout (the pack) and the test-only nodes (comfy_test_nodes.py).
 """
 from __future__ import annotations
@@ -36,7 +38,14 @@ def _load(name, path):
 workflow_tools = _load("fmtt_workflow_tools", HERE.parent / "workflow_tools.py")
 
 
-def _free_port() -> int:
+MEMORY_BUDGET_MB = 1500  # every normal test prompt fits well within it
+
+
+def _port() -> int:
+    """COMFYUI_PORT when set (some machines allow only a range of ports), else a free one."""
+    chosen = os.environ.get("COMFYUI_PORT")
+    if chosen:
+        return int(chosen)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -106,9 +115,10 @@ def comfy(tmp_path_factory):
     shutil.copy(HERE / "comfy_test_nodes.py", nodes_dir / "fmtt_test_nodes" / "__init__.py")
     subprocess.run([python, str(HERE / "tiny_models.py"), comfy_path, str(base)], check=True,
                    capture_output=True, timeout=300)
-    port = _free_port()
+    port = _port()
     log = base / "comfyui.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "FMTT_MEMORY_BUDGET_MB": str(MEMORY_BUDGET_MB)}
     with open(log, "w") as out:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                                  "--base-directory", str(base), "--database-url", "sqlite:///:memory:",

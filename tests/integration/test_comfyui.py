@@ -20,7 +20,7 @@ _spec.loader.exec_module(wt)
 pytestmark = pytest.mark.integration
 
 PACK_NODES = ["FMTTSampler", "FMTTKSampler", "FMTTDiagnostics", "FMTTBaseModelLookahead", "FMTTCompanionLookahead",
-              "FMTTFlowMapLookahead", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
+              "FMTTFlowMapLookahead", "FMTTFluxFlowMapLookahead", "FMTTFlowMapSampler", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
               "FMTTAestheticReward", "FMTTImageReward", "FMTTVLMQuestionReward", "FMTTMaskReward",
               "FMTTSymmetryReward", "FMTTCombineRewards"]
 FMTT_DEFAULTS = {"mode": "exact", "particles": 2, "reward_scale": 1.0, "eta": 1.0, "ess_threshold": 0.5,
@@ -173,6 +173,8 @@ def tiny_substitutes(prompt: dict) -> dict:
             inp["particles"] = 2
             if "steps" in inp:
                 inp["steps"] = 3
+        elif kind == "FMTTFluxFlowMapLookahead":
+            inp["lora_name"] = "tiny_flux_flowmap_lora.safetensors"
         elif kind in ("FMTTCompanionLookahead", "FMTTBaseModelLookahead"):
             inp["steps"] = 2
         elif kind == "RandomNoise":
@@ -315,9 +317,9 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(comfy):
     assert entry["status"]["status_str"] == "error"
     assert "4-channel latents" in error_message(entry) and "Connect the VAE" in error_message(entry)
 
-    # Zero particles: refused at validation, naming the input and the fix.
+    # Zero particles: refused at validation by ComfyUI's own range check, naming the input and its limit.
     status, body = comfy.submit(ksampler_prompt(fresh_seed(), particles=0))
-    assert status == 400 and "particles must be at least 1" in json.dumps(body)
+    assert status == 400 and "smaller than min of 1" in json.dumps(body) and "particles" in json.dumps(body)
 
     # A reward file that is not in models/reward_models/.
     p = ksampler_prompt(fresh_seed())
@@ -331,9 +333,9 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(comfy):
     entry = comfy.run(p)
     assert entry["status"]["status_str"] == "error" and "non-finite" in error_message(entry)
 
-    # top_k asking for more particles than there are.
-    status, body = comfy.submit(ksampler_prompt(fresh_seed(), particles=2, output="top_k", output_count=3))
-    assert status == 400 and "output_count (3) is larger than particles (2)" in json.dumps(body)
+    # top_k asking for more particles than there are: a cross-input check, made when the node runs.
+    entry = comfy.run(ksampler_prompt(fresh_seed(), particles=2, output="top_k", output_count=3))
+    assert "output_count (3) is larger than particles (2)" in error_message(entry)
 
     ok(comfy.run(ksampler_prompt(fresh_seed())))
 

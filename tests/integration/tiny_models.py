@@ -10,12 +10,12 @@ Writes, under BASE_DIR/models:
   reward_models/tiny_clip/                       a transformers CLIP folder with a real BPE tokenizer
   reward_models/tiny_smolvlm/                    an Idefics3 (SmolVLM) folder: model, processor, chat template
   fmtt_flow_maps/tiny_flow_map.safetensors       a flow map in the pack's format
+  loras/tiny_*_lora.safetensors, ...             FLUX flow-map LoRAs and their reference (tiny_flux_flow_map.py)
 and BASE_DIR/input/tiny_image.png, tiny_mask.png. Every parameter is initialised here: ComfyUI's
 disable_weight_init layers would otherwise hold garbage.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -123,9 +123,8 @@ def write_smolvlm_folder(folder: Path):
 
 
 def write_flow_map(path: Path, pack: Path):
-    spec = importlib.util.spec_from_file_location("fmtt_flow_map_file", pack / "nodes" / "flow_map_file.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(pack))  # fmtt_core is a plain package of the pack (torch only)
+    from fmtt_core.flow_maps import conv_resnet as module
     torch.manual_seed(8)
     net = init_(module.ConvFlowMap(channels=16, width=16, depth=1, n_freq=4, groups=4), 9)
     module.save_flow_map(net, path)
@@ -160,6 +159,9 @@ def main(comfy_path: str, base: str):
     write_smolvlm_folder(models / "reward_models" / "tiny_smolvlm")
     write_flow_map(models / "fmtt_flow_maps" / "tiny_flow_map.safetensors", pack)
     write_images(base / "input")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tiny_flux_flow_map  # FLUX flow-map LoRAs and their diffusers reference (needs diffusers + peft)
+    tiny_flux_flow_map.build(base)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import FMTTInputError
+
 FORMAT, VERSION, ARCHITECTURE = "flow_map", "1", "conv_resnet"
 
 
-class FlowMapFileError(ValueError):
+class FlowMapFileError(FMTTInputError):
     """A flow-map file that is not in the pack's format or does not fit its declared architecture."""
 
 

@@ -1,0 +1,89 @@
+"""Few-step sampling with a flow map, as a ComfyUI SAMPLER: x_{k+1} = X(x_k; sigma_k -> sigma_{k+1}) along the
+connected sigmas (4 steps: 4 model calls), optionally best of N candidates by a reward.
+
+It is the flow map's own baseline (one / few jumps from noise, no steering) and the quickest check that a flow-map
+LoRA loaded correctly: a wrong LoRA gives noise or a blur in 4 steps, where the base model would need ~28.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+
+from ..fmtt_core import FlowMapLookahead, FMTTInputError
+from .bridge import clock_of, core_denoiser, guided_parts, normal_tensor, vae_decoder
+from .comfy_sampler import STREAM_NOISE, _max_denoise, particle_seed
+from .lookahead import LookaheadSpec
+
+
+def check_spec(spec) -> None:
+    if not isinstance(spec, LookaheadSpec) or spec.kind != "flow_map":
+        raise FMTTInputError("FMTT Flow-Map Sampler: connect a flow-map look-ahead (FMTT Look-ahead (FLUX flow-map "
+                             "LoRA) or FMTT Look-ahead (flow map file)); base-model and companion look-aheads are "
+                             "not flow maps.")
+
+
+def _model_fn(model, extra_args, b: int):
+    """ComfyUI's model call restricted to latent b (its inpainting latent, noise and mask), as the FMTT sampler's."""
+    view = comfy.samplers.KSamplerX0Inpaint(model.inner_model, model.sigmas)
+    pick = lambda t: None if t is None else normal_tensor(t[b % t.shape[0]:b % t.shape[0] + 1])  # noqa: E731
+    view.latent_image, view.noise = pick(model.latent_image), pick(getattr(model, "noise", None))
+    mask = pick(extra_args.get("denoise_mask"))
+    options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
+    return lambda xc, sigma: view(xc, sigma, denoise_mask=mask, model_options=options, seed=seed)
+
+
+def _candidates(model, x, b: int, n: int, seed: int, sigma0: float, base_model) -> torch.Tensor:
+    """n starting points for latent b: ComfyUI's own noised latent, then the FMTT sampler's seeded particles."""
+    latent = model.latent_image[b:b + 1] if model.latent_image is not None else torch.zeros_like(x[:1])
+    rows = [x[b:b + 1]]
+    for p in range(1, n):
+        g = torch.Generator().manual_seed(particle_seed(seed, b, STREAM_NOISE, p))
+        noise = torch.randn(x.shape[1:], generator=g, dtype=torch.float32).unsqueeze(0).to(x.device, x.dtype)
+        rows.append(base_model.model_sampling.noise_scaling(torch.tensor(sigma0).to(x.device), noise,
+                                                            latent.to(x.device), _max_denoise(base_model, sigma0)))
+    return torch.cat(rows)
+
+
+def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=None, callback=None, disable=None):
+    extra_args = dict(extra_args or {})
+    seed = int(extra_args.get("seed") or 0)
+    _, base_model = guided_parts(model)
+    clock = clock_of(base_model.model_sampling)
+    if clock.kind != "flow":
+        raise FMTTInputError("FMTT Flow-Map Sampler: the model is not a flow model; flow-map LoRAs are for FLUX.")
+    if candidates > 1 and (reward is None or vae is None):
+        raise FMTTInputError("FMTT Flow-Map Sampler: best of N (candidates > 1) needs the reward and vae inputs.")
+    decode = vae_decoder(vae, base_model)[0] if candidates > 1 else None
+    times = clock.t(sigmas.detach().float().cpu()).tolist()
+    steps = len(times) - 1
+    pbar = comfy.utils.ProgressBar(steps * x.shape[0]) if callback is None else None
+
+    def body(companion=None, companion_modules=()):
+        outputs = []
+        for b in range(x.shape[0]):
+            look = spec.build(core_denoiser(_model_fn(model, extra_args, b), clock), companion)
+            if not isinstance(look, FlowMapLookahead):
+                raise FMTTInputError("FMTT Flow-Map Sampler: the look-ahead is not a flow map.")
+            z = _candidates(model, x, b, candidates, seed, float(sigmas[0]), base_model)
+            for k in range(steps):
+                z_next = look.flow_map(z, torch.tensor(times[k]), torch.tensor(times[k + 1]))
+                if callback is not None:
+                    callback({"i": k, "denoised": z_next[:1], "x": z[:1], "sigma": sigmas[k], "sigma_hat": sigmas[k]})
+                elif pbar is not None:
+                    pbar.update(1)
+                z = z_next
+            if candidates > 1:  # best of N by the reward of the decoded images
+                scores = reward(decode(z)).reshape(-1)
+                z = z[int(torch.nan_to_num(scores.float(), nan=-float("inf")).argmax())][None]
+            outputs.append(z)
+        return torch.cat(outputs).to(x.dtype)
+
+    return spec.run_with(base_model, x, sigmas, seed, body)
+
+
+def flow_map_sampler(spec, candidates=1, reward=None, vae=None) -> comfy.samplers.KSAMPLER:
+    check_spec(spec)
+    return comfy.samplers.KSAMPLER(lambda *a, **k: sample_flow_map(spec, candidates, reward, vae, *a, **k))
