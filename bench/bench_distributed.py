@@ -9,7 +9,8 @@ the one-process row runs FMTT with no process group at all. "comm s" is the time
 collectives (gathering log-weights / rewards, moving resampled particles, collecting the result),
 waiting for slower ranks included. "max diff" is the largest difference of a final particle's
 coordinate or normalised weight from the one-process run: 0 when the model's outputs per row do not
-depend on the batch size; float32 round-off otherwise (a shard is a smaller batch). Writes bench/results/distributed.{json,md} (not with --quick).
+depend on the batch size; float32 round-off otherwise (a shard is a smaller batch).
+Writes bench/results/distributed.{json,md} (not with --quick).
 """
 from __future__ import annotations
 

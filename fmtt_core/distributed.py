@@ -21,10 +21,10 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist

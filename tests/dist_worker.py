@@ -91,7 +91,7 @@ def die(args):
 def sampler_problem(args):
     """A real sampling problem every rank (and the test) rebuilds: a ring of 8 Gaussians in 2-D with
     its closed-form denoiser and flow map, a quadratic reward off the ring, noise from the seed."""
-    from fmtt_core import FMTTConfig, FlowMapLookahead, time_grid
+    from fmtt_core import FlowMapLookahead, FMTTConfig, time_grid
     from fmtt_core.analytic import quadratic_reward, ring_mixture
 
     gm = ring_mixture(8, 4.0, 0.5)

@@ -14,7 +14,6 @@ from fmtt_core import smc
 from fmtt_core.errors import FMTTInputError
 
 
-
 def _load(name, file):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
     module = sys.modules[name] = importlib.util.module_from_spec(spec)
