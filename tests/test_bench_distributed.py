@@ -15,4 +15,5 @@ def test_quick_bench_runs_and_sharded_runs_match_one_process():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| digits") or line.startswith("| heavy")]
     assert len(rows) == 4
     assert all(row.rstrip().endswith("| yes |") for row in rows), done.stdout
-    assert sum(" | 2 | " in row for row in rows) == 2
+    processes = [row.split("|")[3].strip() for row in rows]
+    assert processes == ["1 (no group)", "2", "1 (no group)", "2"]
