@@ -66,12 +66,12 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         reward_max = float(pop.max(torch.where(torch.isfinite(r), r, -math.inf)))
         reward_max = reward_max if reward_max > -math.inf else math.nan
 
-        if g is not None and not rule.prices_push and not warned:
+        if g is not None and not rule.prices_push and cfg.max_push is None and not warned:
             warned = _warn_steep_push(g, x, d, t, t_next, cfg)
         move = sde_step(x, d, t, t_next, cfg.eta, pop.noise(x, k), g, cfg.sde_step,
-                        cfg.max_push if rule.prices_push else None)
+                        cfg.max_push if rule.claims_weights else None)
         x = move.x
-        rule.moved(move.log_ratio)
+        rule.moved(move)
         trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, move.tamed))
         if callback is not None:
             callback({"step": k, "steps": steps, "t": t, "x": x, "denoised": d,

@@ -32,15 +32,19 @@ class FMTTConfig:
     chunk_size: particles per forward/backward pass (None: all at once); bounds memory.
     grad_clip: max per-particle norm of grad r_t (None: off). Exact under twisted weights (they
           price whatever push was made); approximate under eulerian / advective weights.
-    max_push: tames the tilt's push to at most max_push x the step's noise (per particle, in units of
-          the noise's norm); twisted weights correct it exactly. None: off.
+    max_push: tames the tilt's push to at most max_push x the step's noise norm, per particle, with the
+          matching weight correction (the kernel ratio untamed / tamed push), so that a steep reward
+          gradient cannot throw a particle across the space in one step. None: off.
     search_steps: number of top-k selections in search mode, spread over the first 3/4 of the grid.
     search_keep: particles kept at each search selection (default N // 4, at least 1).
-    weights: "twisted" (discrete-time weights: the base-to-proposal kernel ratio times look-ahead
-          potentials, as in twisted SMC; exact for ANY look-ahead and free), "advective" (dA =
-          (d_t + b.grad) r_t dt, exact as steps -> 0 for any look-ahead, one more look-ahead
-          forward per step), "eulerian" (dA = lambda' r dt: exact only for a perfect flow map as
-          steps -> 0; free), "auto" = "twisted".
+    weights: "advective" (dA = (d_t + b.grad) r_t dt: exact as steps -> 0 for ANY look-ahead, one
+          more look-ahead forward per step, no backward; for a flow map it is the Eulerian form plus
+          the look-ahead's defect), "twisted" (discrete-time weights: the base-to-proposal kernel
+          ratio times look-ahead potentials, as in twisted SMC; exact at any step size for any
+          look-ahead and free, but noisier where sigma |grad r_t| is large: steep rewards, little
+          noise), "eulerian" (dA = lambda' r dt: exact only for a perfect flow map; free),
+          "auto" = "advective" (measured in bench/bench_toy.py and bench_steps.py: twisted weights
+          collapse in the authors' toy, Eulerian ones are biased for any imperfect look-ahead).
     defect_probe: particles on which the Eulerian defect r_{t+h}(x + h b) - r_t(x) is measured each
           step for the trace (one look-ahead forward each; 0: off; free under advective weights).
     seed: seeds the sampler's own random streams (SDE noise, resampling); no global RNG is touched.

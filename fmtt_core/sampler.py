@@ -24,7 +24,7 @@ def weight_rule(cfg: FMTTConfig, pop: Population, lam, times, loop: ParticleLoop
     if cfg.mode == "search":
         keep = cfg.search_keep or max(1, pop.size // 4)
         return SearchSelection(pop, lam, beta, search_schedule(len(times) - 1, cfg.search_steps), keep)
-    weights = "twisted" if cfg.mode == "zero_order" or cfg.weights == "auto" else cfg.weights
+    weights = "twisted" if cfg.mode == "zero_order" else ("advective" if cfg.weights == "auto" else cfg.weights)
     if weights == "eulerian":
         return EulerianWeights(pop, lam, beta, **resampling)
     if weights == "advective":

@@ -49,6 +49,7 @@ def base_kernel(x, denoised, t: float, t_next: float, eta: float, kind: str = "e
 class Move:
     x: torch.Tensor              # the particles at t_next
     log_ratio: torch.Tensor      # [N] float64: log base kernel / proposal kernel at x (0 without tilt)
+    taming_ratio: torch.Tensor | None = None  # [N] log untamed-tilt kernel / tamed kernel at x (None: no taming)
     tamed: int = 0               # particles whose push was tamed
 
 
@@ -67,17 +68,23 @@ def sde_step(x, denoised, t: float, t_next: float, eta: float, noise: torch.Tens
         return Move(mean, zero)
     if tilt_force is None:
         return Move(mean + sigma * noise, zero)
-    delta = 0.5 * sigma ** 2 * tilt_force
-    tamed = 0
+    full = 0.5 * sigma ** 2 * tilt_force
+    delta, tamed, taming_ratio = full, 0, None
     if max_push is not None:
-        push = _row_norm(delta)
+        push = _row_norm(full)
         limit = max_push * sigma * math.sqrt(x[0].numel())
         scale = (limit / push.clamp_min(1e-300)).clamp(max=1.0)
         tamed = int((scale < 1).sum())
-        delta = delta * _bcast(scale.to(delta.dtype).to(delta.device), delta)
-    z_dot_delta = (noise.double() * delta.double()).flatten(1).sum(1).cpu()
-    log_ratio = -z_dot_delta / sigma - _row_norm(delta).cpu() ** 2 / (2 * sigma ** 2)
-    return Move(mean + delta + sigma * noise, log_ratio, tamed)
+        delta = full * _bcast(scale.to(full.dtype).to(full.device), full)
+        # log N(x'; m + full) / N(x'; m + delta): turns a tamed move into one of the untamed SDE.
+        taming_ratio = _gauss_log_ratio(noise, delta - full, sigma)
+    return Move(mean + delta + sigma * noise, _gauss_log_ratio(noise, delta, sigma), taming_ratio, tamed)
+
+
+def _gauss_log_ratio(noise, shift, sigma) -> torch.Tensor:
+    """log N(x'; a, sigma^2) - log N(x'; a + shift, sigma^2) at x' = a + shift + sigma z, per particle."""
+    z_dot = (noise.double() * shift.double()).flatten(1).sum(1).cpu()
+    return -z_dot / sigma - _row_norm(shift).cpu() ** 2 / (2 * sigma ** 2)
 
 
 def push_ratio(tilt_force: torch.Tensor, sigma: float) -> float:

@@ -6,7 +6,7 @@ step k at t_k -> t_{k+1}:
     increment(k, r, x, d) -> [N]   log-weight increment after evaluating the look-ahead reward r_k
     select(k, log_w, r, ess, t_next) -> ancestors or None    resampling / search selection
     reindex(ancestors)             move the rule's per-particle state with the particles
-    moved(log_ratio)               the kernel ratio of the SDE move just made (sde.Move.log_ratio)
+    moved(move)                    the SDE move just made (sde.Move: its kernel ratios)
     final(r1) -> [N]               the increment that closes the path at t = 1 with r(x1)
 
 and two flags: `claims_weights` (its log-weights are importance weights of the tilted law) and
@@ -55,10 +55,36 @@ class WeightRule:
     def reindex(self, ancestors) -> None:
         pass
 
-    def moved(self, log_ratio) -> None:
+    def moved(self, move) -> None:
         pass
 
     def final(self, r1) -> torch.Tensor:
+        return torch.zeros_like(r1)
+
+
+class JarzynskiRule(WeightRule):
+    """Continuous-time (Jarzynski) weights, exact as h -> 0 for the SDE with the full push eps grad r_t.
+    A tamed move (max_push) is turned into a move of that SDE by the kernel ratio untamed / tamed
+    (Move.taming_ratio), added to the next increment: the tamed drift with its matching correction."""
+
+    def __init__(self, pop, **kw):
+        super().__init__(pop, **kw)
+        self.pending = torch.zeros(pop.count, dtype=torch.float64)
+
+    def moved(self, move):
+        self.pending = move.taming_ratio if move.taming_ratio is not None else torch.zeros_like(self.pending)
+
+    def increment(self, k, r, x, d):
+        inc, self.pending = self.jarzynski(k, r, x, d) + self.pending, torch.zeros_like(self.pending)
+        return inc
+
+    def final(self, r1):
+        return self.jarzynski_final(r1) + self.pending
+
+    def jarzynski(self, k, r, x, d):
+        raise NotImplementedError
+
+    def jarzynski_final(self, r1):
         return torch.zeros_like(r1)
 
 
@@ -85,14 +111,14 @@ class TwistedWeights(WeightRule):
     def reindex(self, ancestors):
         self.potential = self.pop.take(self.potential, ancestors)
 
-    def moved(self, log_ratio):
-        self.pending = log_ratio
+    def moved(self, move):
+        self.pending = move.log_ratio
 
     def final(self, r1):
         return self.beta * r1 - self.potential + self.pending
 
 
-class EulerianWeights(WeightRule):
+class EulerianWeights(JarzynskiRule):
     """Trapezoid rule in time: r at t_k closes the previous interval and opens this one; r(x1) closes
     the last (the look-ahead at t = 1 is the identity)."""
 
@@ -100,13 +126,13 @@ class EulerianWeights(WeightRule):
         super().__init__(pop, **kw)
         self.lam, self.beta, self.dlam_prev = lam, beta, 0.0
 
-    def increment(self, k, r, x, d):
+    def jarzynski(self, k, r, x, d):
         dlam = float(self.lam[k + 1] - self.lam[k])
         inc = 0.5 * (self.dlam_prev + dlam) * self.beta * r
         self.dlam_prev = dlam
         return inc
 
-    def final(self, r1):
+    def jarzynski_final(self, r1):
         return 0.5 * self.dlam_prev * self.beta * r1
 
 
@@ -117,7 +143,7 @@ def eulerian_defect(loop, x, d, r, t: float, t_next: float) -> torch.Tensor:
     return loop.lookahead_reward(x_ode, t_next) - r
 
 
-class AdvectiveWeights(WeightRule):
+class AdvectiveWeights(JarzynskiRule):
     """beta (lambda_{k+1} r_{t'}(x + h b) - lambda_k r_t(x)): the advective derivative along the ODE step."""
 
     def __init__(self, pop, lam, beta, times, loop, **kw):
@@ -125,7 +151,7 @@ class AdvectiveWeights(WeightRule):
         self.lam, self.beta, self.times, self.loop = lam, beta, times, loop
         self.last_defect = None
 
-    def increment(self, k, r, x, d):
+    def jarzynski(self, k, r, x, d):
         t, t_next = float(self.times[k]), float(self.times[k + 1])
         self.last_defect = eulerian_defect(self.loop, x, d, r, t, t_next)
         r_next = r + self.last_defect

@@ -7,9 +7,11 @@ and step that makes
 
     base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
     denoiser guidance                       3      (denoiser + backward through it)
-    FMTT, flow-map look-ahead (J jumps)     1 + 3J (denoiser + J flow-map jumps + backward through them)
-    FMTT, denoiser look-ahead               3      (denoiser + backward through it; its twisted weights
-                                                    need no extra look-ahead)
+    FMTT exact, flow-map look-ahead (J)     1 + 4J (denoiser + J flow-map jumps + backward through them
+                                                    + J jumps more for the advective weights)
+    FMTT search, flow-map look-ahead (J)    1 + 3J (no weights, so no extra jumps)
+    FMTT exact, denoiser look-ahead         4      (denoiser + backward + one more look-ahead for its
+                                                    advective weights)
 
 and each method gets the particle count that spends what FMTT-exact with the flow map spends
 (`matched_particles`). The table reports the passes each method actually made, from fmtt_core's counter.
@@ -51,6 +53,7 @@ class Setup:
         return self.models.denoiser
 
     def config(self, seed: int, mode: str = "exact") -> FMTTConfig:
+        # Exact mode's default (advective) weights measure the Eulerian defect for the traces plot for free.
         return FMTTConfig(mode=mode, reward_scale=self.reward_scale, eta=self.eta, ess_threshold=self.ess_threshold,
                           chunk_size=self.chunk_size, seed=seed)
 
@@ -92,9 +95,9 @@ METHODS = {m.key: m for m in [
     # "diff" potentials telescope to exp(beta r(x1)): FK then targets the same tilted law as FMTT exact.
     Method("fk", "FK steering, diff", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "diff"}),
     Method("fk_max", "FK steering, max", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "max"}),
-    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 3 * s.jumps, fmtt_sample, "exact", _flow_map),
+    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 4 * s.jumps, fmtt_sample, "exact", _flow_map),
     Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, fmtt_sample, "search", _flow_map),
-    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 3, fmtt_sample, "exact", _denoiser),
+    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 4, fmtt_sample, "exact", _denoiser),
     Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, fmtt_sample, "zero_order",
            _flow_map),
 ]}

@@ -80,12 +80,13 @@ def save_samples_grid(runs: list[MethodRun], path: Path, per_row: int = 16, seed
 
 
 def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
-    """Weighted mean look-ahead reward r(X_{t,1}(x_t)) and ESS / N against t; markers at resampling."""
+    """Weighted mean look-ahead reward r(X_{t,1}(x_t)), ESS / N (markers at resampling) and the Eulerian
+    defect r_{t+h}(x + h b) - r_t(x) (how far each look-ahead is from the base flow map) against t."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_r, ax_e, ax_d) = plt.subplots(1, 3, figsize=(16, 4))
     for run in runs:
         trace = run.result.trace
         t = np.array([s.t for s in trace])
@@ -99,10 +100,18 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
             ax_e.plot(t, ess, color=line.get_color(), label=run.method.label)
             hit = np.array([s.resampled for s in trace])
             ax_e.plot(t[hit], ess[hit], "v", color=line.get_color(), markersize=4)
+        defect = np.array([s.defect for s in trace])
+        if np.isfinite(defect).any():
+            ax_d.plot(t, defect, color=line.get_color(), label=run.method.label)
     ax_r.set(xlabel="t (0 noise, 1 data)", ylabel="mean look-ahead reward", title="reward of the predicted sample")
     ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
+    ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
+             title="Eulerian defect (0: look-ahead = base flow map)")
     ax_r.legend(fontsize=7)
-    ax_e.legend(fontsize=7)
+    if ax_e.get_legend_handles_labels()[0]:
+        ax_e.legend(fontsize=7)
+    if ax_d.get_legend_handles_labels()[0]:
+        ax_d.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -114,7 +123,7 @@ def results_dict(runs: list[MethodRun], settings: dict) -> dict:
         "network_passes": run.passes, "nfe": run.result.nfe.as_dict(), **run.metrics,
         "thermodynamic_length": run.result.thermodynamic_length,
         "trace": [{"t": s.t, "ess": s.ess, "resampled": s.resampled, "reward_mean": s.reward_mean,
-                   "reward_max": s.reward_max} for s in run.result.trace]} for run in runs]}
+                   "reward_max": s.reward_max, "defect": s.defect} for s in run.result.trace]} for run in runs]}
 
 
 def write_results(runs: list[MethodRun], settings: dict, out: Path) -> dict[str, Path]:

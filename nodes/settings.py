@@ -19,13 +19,14 @@ from typing import Any, Callable
 from comfy_api.latest import io
 
 from ..fmtt_core import MODES, SCHEMES, FMTTConfig, FMTTInputError, LinearTilt, RampTilt
+from ..fmtt_core import WEIGHTS as CORE_WEIGHTS
 from .diagnostics import Diagnostics
 from .lookahead import LookaheadSpec
 from .types import Lookahead, Reward
 
 CORE = FMTTConfig()  # the core's defaults: the widgets of the core's settings start from them
 OUTPUTS = ("best", "top_k", "weighted_resample")
-WEIGHTS = ("auto", "eulerian", "advective")
+WEIGHTS = CORE_WEIGHTS
 
 
 def _same(value):
@@ -109,8 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
                          tooltip="search mode: particles kept at each selection, at most the particles (0: a "
                                  "quarter of them)."), core="search_keep", to_core=_zero_is_none),
     Setting(io.Combo.Input("weights", options=list(WEIGHTS), default=CORE.weights, advanced=True,
-                           tooltip="Importance-weight formula. auto: eulerian for flow-map / ODE look-aheads, "
-                                   "advective (exact for any look-ahead, one more look-ahead per step) otherwise."),
+                           tooltip="Importance-weight formula. auto = advective: exact for any look-ahead, one "
+                                   "more look-ahead forward per step. twisted: exact at any step size, free, noisier "
+                                   "for steep rewards. eulerian: free, exact only for a perfect flow map."),
             core="weights"),
     Setting(io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
                              tooltip="Recompute each transformer block (FLUX-family models) in the backward pass "

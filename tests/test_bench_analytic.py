@@ -59,11 +59,14 @@ def test_nfe_accounting_follows_the_lookahead(bench, tiny_run):
     cfg, _, _, rows = tiny_run
     steps = cfg.setting.steps
     nfe = {r["method"]: r["nfe_model"][0] for r in rows if r["N"] == cfg.particles[0] and "nfe_model" in r}
-    assert nfe["best-of-N"] == nfe["FK steering diff"] == nfe["FMTT denoiser, eulerian w"] == nfe["FMTT denoiser"] == steps
-    assert nfe["FMTT flow map"] == nfe["FMTT zero-order flow map"] == 2 * steps
-    assert nfe["FMTT ODE(2)"] == 2 * steps and nfe["FMTT ODE(4)"] == 4 * steps
-    # Advective weights re-evaluate the look-ahead after each step except the last (which scores x1).
-    assert nfe["FMTT denoiser, advective w"] == 2 * steps - 1
+    assert nfe["best-of-N"] == nfe["FK steering diff"] == nfe["FMTT denoiser, eulerian w"] == steps
+    assert nfe["FMTT flow map, eulerian w"] == nfe["FMTT zero-order flow map"] == 2 * steps
+    # The default (advective) weights re-evaluate the look-ahead after each step except the last
+    # (which scores x1): one more jump, or k more ODE calls (no D to reuse there).
+    assert nfe["FMTT denoiser, advective w"] == nfe["FMTT denoiser"] == 2 * steps - 1
+    assert nfe["FMTT flow map"] == 3 * steps - 1
+    assert nfe["FMTT ODE(2)"] == 2 * steps + 2 * (steps - 1) and nfe["FMTT ODE(4)"] == 4 * steps + 4 * (steps - 1)
+    assert nfe["FMTT denoiser, twisted w"] == steps  # twisted weights need no extra call
 
 
 def test_table_and_plot_are_written(bench, tiny_run, tmp_path):

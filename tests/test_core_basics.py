@@ -101,7 +101,7 @@ def run(mode="exact", look=None, seed=0, n=64, steps=10, **kw):
 
 def test_nfe_breakdown_counts_every_call():
     n, steps = 64, 10
-    res = run(n=n, steps=steps, look=fc.ODELookahead(RING.denoiser, 3))
+    res = run(n=n, steps=steps, look=fc.ODELookahead(RING.denoiser, 3), weights="eulerian")
     # base calls: one per step; ODE(3) reuses D so 2 extra calls per step; rewards: one per step + final.
     assert res.nfe.denoiser == n * steps
     assert res.nfe.lookahead == 2 * n * steps
@@ -109,11 +109,12 @@ def test_nfe_breakdown_counts_every_call():
     # gradients: every step except the first (lambda_0 = 0) and the last (the jump onto D).
     assert res.nfe.backward == n * (steps - 2)
     assert res.nfe.backward_model == 3 * res.nfe.backward  # D + 2 ODE calls per backward
-    flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4))
+    flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4),
+               weights="eulerian")
     assert flow.nfe.backward_model == 4 * flow.nfe.backward  # 4 jumps, D not in the graph
     adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser), weights="advective")  # +1 D a step
     assert adv.nfe.lookahead == n * (steps - 1) and adv.nfe.reward == n * (2 * steps + 1)
-    twisted = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser))  # the default: no extra call
+    twisted = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser), weights="twisted")  # no extra call
     assert twisted.nfe.lookahead == 0 and twisted.nfe.reward == n * (steps + 1)
     zo = run("zero_order", n=n, steps=steps)
     assert zo.nfe.backward == 0
@@ -206,11 +207,12 @@ def test_steep_reward_gradient_warns_with_the_fix():
     steep = lambda x: 1e4 * x[:, 0]  # noqa: E731  a push far beyond the step's noise
     with pytest.warns(RuntimeWarning, match="weights cannot correct"):
         fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
-                       lookahead=fc.ODELookahead(RING.denoiser, 1), config=fc.FMTTConfig(weights="eulerian"))
+                       lookahead=fc.ODELookahead(RING.denoiser, 1),
+                       config=fc.FMTTConfig(weights="eulerian", max_push=None))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(n=16)  # a gentle reward: no warning
-        # twisted weights (the default) price any push exactly: no warning, the push is tamed
+        # the default tames the push (with its weight correction): no warning
         res = fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
                              lookahead=fc.ODELookahead(RING.denoiser, 1))
         assert sum(s.tamed for s in res.trace) > 0
