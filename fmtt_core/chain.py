@@ -72,7 +72,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
                         cfg.max_push if rule.claims_weights else None)
         x = move.x
         rule.moved(move)
-        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, move.tamed))
+        tamed = int(pop.sum(torch.tensor([float(move.tamed)], dtype=torch.float64)))  # over every shard
+        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, tamed))
         if callback is not None:
             callback({"step": k, "steps": steps, "t": t, "x": x, "denoised": d,
                       "ess": step_ess, "resampled": anc is not None, "nfe": loop.nfe})

@@ -129,7 +129,7 @@ def run_method(args, population=None, x_init=None):
 def result_dict(res) -> dict:
     out = {"samples": res.samples, "log_weights": res.log_weights, "rewards": res.rewards,
            "thermo": torch.tensor([res.thermodynamic_length], dtype=torch.float64)}
-    for name in ("ess", "resampled", "reward_mean", "reward_max", "valid", "defect"):
+    for name in ("ess", "resampled", "reward_mean", "reward_max", "valid", "defect", "tamed"):
         out[f"trace_{name}"] = torch.tensor([float(getattr(s, name)) for s in res.trace], dtype=torch.float64)
     out["nfe"] = torch.tensor(list(res.nfe.as_dict().values()))
     return out
