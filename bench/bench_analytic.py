@@ -27,14 +27,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+from fmtt_core.analytic import (
+    GaussianMixture,
+    linear_reward,
+    quadratic_reward,
+    ring_mixture,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -176,7 +181,7 @@ class Reference:
     reward_mean: float
 
     @classmethod
-    def of(cls, target: Target, n_samples: int) -> "Reference":
+    def of(cls, target: Target, n_samples: int) -> Reference:
         law = target.tilted
         y = law.sample(n_samples, torch.Generator().manual_seed(12345))
         big = law.sample(200_000, torch.Generator().manual_seed(54321))  # E[r] to ~1e-3
@@ -384,10 +389,10 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     palette = plt.cm.tab10.colors + ("#555555", "#b8860b", "#8fbc8f")
-    style = {m: dict(color=palette[i % len(palette)], marker="osD^v<>pXh*P"[i % 11],
-                     ls="--" if m.startswith(("FK", "guidance", "best", "base")) else "-")
+    style = {m: {"color": palette[i % len(palette)], "marker": "osD^v<>pXh*P"[i % 11],
+                     "ls": "--" if m.startswith(("FK", "guidance", "best", "base")) else "-"}
              for i, m in enumerate(m for m in methods if m != IID)}
-    style[IID] = dict(color="k", marker="", ls=":", lw=2)
+    style[IID] = {"color": "k", "marker": "", "ls": ":", "lw": 2}
     for i, target in enumerate(targets):
         for j, (key, label) in enumerate(panels):
             ax = axes[i, j]

@@ -80,7 +80,7 @@ def target_samples(base: GaussianMixture, n: int, seed: int = 7) -> torch.Tensor
 
 def mmd100(x, w, y, bandwidth=0.1) -> float:
     """100 x squared MMD (Gaussian kernel) between weighted particles and target samples (V-statistic)."""
-    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * bandwidth ** 2))  # noqa: E731
+    k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * bandwidth ** 2))
     v = torch.full((y.shape[0],), 1 / y.shape[0], dtype=torch.float64)
     return 100 * float(w @ k(x, x) @ w + v @ k(y, y) @ v - 2 * w @ k(x, y) @ v)
 
@@ -114,8 +114,8 @@ class Identity:
 
 
 def methods(base: GaussianMixture, rk4: int):
-    flow = lambda: fc.FlowMapLookahead(lambda x, s, t: base.flow_map(x, s, t, rk4))  # noqa: E731
-    den = lambda: fc.DenoiserLookahead(base.denoiser)  # noqa: E731
+    flow = lambda: fc.FlowMapLookahead(lambda x, s, t: base.flow_map(x, s, t, rk4))
+    den = lambda: fc.DenoiserLookahead(base.denoiser)
     return {"no look-ahead": (Identity, "eulerian"), "denoiser, eulerian": (den, "eulerian"),
             "denoiser, advective (ours)": (den, "advective"), "denoiser, twisted (ours)": (den, "twisted"),
             "flow map, eulerian": (flow, "eulerian"), "flow map, advective (ours)": (flow, "advective"),
@@ -149,15 +149,15 @@ def run(steps_list, n, seeds, rk4, names=None):
 
 def table(rows, target_reward, meta) -> str:
     lines = [f"# Authors' toy table, rebuilt ({meta})", "",
-             f"Rejection-sampled target: mean reward {target_reward:.3f}. Ours vs the authors' (results.md); "
-             "the authors' model and flow map are learned, ours exact; MMD scale is a GUESS (see bench_toy.py).", "",
-             "| steps | method | MMD (ours / authors) | SW2 (ours / authors) | mean reward (ours / authors) | "
-             "resamples (ours / authors) |", "|---:|---|---:|---:|---:|---:|"]
+             (f"Rejection-sampled target: mean reward {target_reward:.3f}. Ours vs the authors' (results.md); "
+             "the authors' model and flow map are learned, ours exact; MMD scale is a GUESS (see bench_toy.py)."), "",
+             ("| steps | method | MMD (ours / authors) | SW2 (ours / authors) | mean reward (ours / authors) | "
+             "resamples (ours / authors) |"), "|---:|---|---:|---:|---:|---:|"]
     for steps, name, mmd, sw, rew, res, _ in rows:
-        a = AUTHORS.get(steps, {}).get(name)
-        fmt = (lambda o, i, f: f"{f.format(o)} / {f.format(a[i])}") if a else (lambda o, i, f: f"{f.format(o)} / —")
-        lines.append(f"| {steps} | {name} | {fmt(mmd, 0, '{:.3f}')} | {fmt(sw, 1, '{:.3f}')} | "
-                     f"{fmt(rew, 2, '{:.3f}')} | {fmt(res, 3, '{:.0f}')} |")
+        theirs = AUTHORS.get(steps, {}).get(name)
+        cells = [f"{spec.format(ours)} / {spec.format(theirs[i]) if theirs else '—'}"
+                 for i, (ours, spec) in enumerate(((mmd, "{:.3f}"), (sw, "{:.3f}"), (rew, "{:.3f}"), (res, "{:.0f}")))]
+        lines.append(f"| {steps} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

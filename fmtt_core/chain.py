@@ -66,7 +66,7 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         reward_max = float(pop.max(torch.where(torch.isfinite(r), r, -math.inf)))
         reward_max = reward_max if reward_max > -math.inf else math.nan
 
-        if g is not None and not rule.prices_push and cfg.max_push is None and not warned:
+        if g is not None and rule.claims_weights and not warned:
             warned = _warn_steep_push(g, x, d, t, t_next, cfg)
         move = sde_step(x, d, t, t_next, cfg.eta, pop.noise(x, k), g, cfg.sde_step,
                         cfg.max_push if rule.claims_weights else None)
@@ -101,12 +101,20 @@ def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:
 
 
 def _warn_steep_push(g, x, d, t, t_next, cfg) -> bool:
-    """Warn once when the tilt's push dwarfs the step's noise under weights that cannot price it."""
+    """Warn once when the tilt's push dwarfs the step's noise: untamed, the weights cannot correct such a
+    jump; tamed, they do, but the correction then makes them degenerate."""
     _, sigma = base_kernel(x, d, t, t_next, cfg.eta, cfg.sde_step)
     ratio = push_ratio(g, sigma)
     if ratio <= STEEP_PUSH:
         return False
-    warnings.warn(f"FMTT: at t={t:.3f} the reward gradient moves a particle {ratio:.0f}x the step's noise; "
-                  f"{cfg.weights} weights cannot correct such jumps. Use weights='twisted' (exact for any "
-                  "push), more steps, or a smaller reward_scale.", RuntimeWarning, stacklevel=3)
+    if cfg.max_push is None:
+        what = (f"{cfg.weights} weights cannot correct such jumps. Use max_push (tames the push with the "
+                "matching weight correction), weights='twisted', more steps, or a smaller reward_scale.")
+        if cfg.weights == "twisted":
+            what = "twisted weights price it exactly but degenerate. Use more steps or a smaller reward_scale."
+    else:
+        what = (f"it was tamed to {cfg.max_push:g}x with the matching weight correction, which makes the weights "
+                "degenerate. Use more steps or a smaller reward_scale.")
+    warnings.warn(f"FMTT: at t={t:.3f} the reward gradient moves a particle {ratio:.0f}x the step's noise; {what}",
+                  RuntimeWarning, stacklevel=3)
     return True

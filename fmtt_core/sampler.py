@@ -15,7 +15,13 @@ from .particles import ParticleLoop, RewardFn, check_particles
 from .population import Population
 from .result import FMTTResult
 from .schedules import check_time_grid, tilt_values
-from .weights import AdvectiveWeights, EulerianWeights, SearchSelection, TwistedWeights, search_schedule
+from .weights import (
+    AdvectiveWeights,
+    EulerianWeights,
+    SearchSelection,
+    TwistedWeights,
+    search_schedule,
+)
 
 
 def weight_rule(cfg: FMTTConfig, pop: Population, lam, times, loop: ParticleLoop):

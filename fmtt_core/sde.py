@@ -25,9 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .clock import _bcast, noise_from_denoiser, score_from_denoiser, velocity_from_denoiser
+from .clock import (
+    _bcast,
+    noise_from_denoiser,
+    score_from_denoiser,
+    velocity_from_denoiser,
+)
 from .schedules import noise_level
-
 
 
 def base_kernel(x, denoised, t: float, t_next: float, eta: float, kind: str = "exponential"):

@@ -26,13 +26,22 @@ exact); "fk_max", the running-max potential (one of the FK paper's choices), is 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from fmtt_core import (DenoiserLookahead, FlowMapLookahead, FMTTConfig, FMTTResult, base_sample, best_of_n,
-                       fk_steering, fmtt_sample, guidance_sample)
+from fmtt_core import (
+    DenoiserLookahead,
+    FlowMapLookahead,
+    FMTTConfig,
+    FMTTResult,
+    base_sample,
+    best_of_n,
+    fk_steering,
+    fmtt_sample,
+    guidance_sample,
+)
 
 
 @dataclass

@@ -41,8 +41,8 @@ def format_table(runs: list[MethodRun], target_class: int | None, n_out: int) ->
 
 def markdown_table(runs: list[MethodRun], target_class: int | None) -> str:
     acc = f"judge acc (class {target_class})" if target_class is not None else "judge acc"
-    lines = [f"| method | particles | {acc} | reward clf acc | judge conf | mean reward | final ESS | resampled | "
-             "passes | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [(f"| method | particles | {acc} | reward clf acc | judge conf | mean reward | final ESS | resampled | "
+             "passes | wall s |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         m = run.metrics
         lines.append(f"| {run.method.label} | {run.particles} | {_fmt(m.get('judge_accuracy'), '.1%')} | "

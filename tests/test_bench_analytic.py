@@ -29,7 +29,7 @@ def tiny_run(bench):
 
 
 def test_every_method_has_a_finite_row_per_target_and_budget(bench, tiny_run):
-    cfg, _, references, rows = tiny_run
+    cfg, _, _references, rows = tiny_run
     expected = {(t.name, m, n) for t in cfg.targets for m in [bench.IID] + [m.name for m in bench.METHODS]
                 for n in cfg.particles}
     by_key = {(r["target"], r["method"], r["N"]): r for r in rows}

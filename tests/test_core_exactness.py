@@ -11,7 +11,12 @@ import torch
 from scipy import stats
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+from fmtt_core.analytic import (
+    GaussianMixture,
+    linear_reward,
+    quadratic_reward,
+    ring_mixture,
+)
 
 RUNS = 6
 T_CRIT = stats.t.ppf(1 - 0.001 / 2, RUNS - 1)  # two-sided 99.9% per coordinate
@@ -104,7 +109,7 @@ def test_flow_map_beats_denoiser_lookahead():
     flow-map identity) or degenerates more (advective weights, exact but noisier): more resamplings
     and a longer thermodynamic path. The flow map is accurate with fewer resamplings."""
     gm, reward, target = RING, quadratic_reward(C2, 1.0), RING.tilt_quadratic(C2, 1.0)
-    setting = dict(tilt=fc.RampTilt(0.1), eta=0.1, ess_threshold=0.9, steps=50)
+    setting = {"tilt": fc.RampTilt(0.1), "eta": 0.1, "ess_threshold": 0.9, "steps": 50}
     den = fc.DenoiserLookahead(gm.denoiser)
     flow_m, _, flow_runs = replicate(fmtt(gm, reward, 1.0, weights="eulerian", **setting), gm, n=500, runs=4)
     biased_m, _, _ = replicate(fmtt(gm, reward, 1.0, look=den, weights="eulerian", **setting), gm, n=500, runs=4)
@@ -124,7 +129,7 @@ def test_flow_map_beats_denoiser_lookahead():
 def test_search_reaches_reward_maximum():
     gm, reward = RING, quadratic_reward(C2, 1.0)
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    kw = dict(reward=reward, lookahead=flow_map(gm))
+    kw = {"reward": reward, "lookahead": flow_map(gm)}
     exact = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(40), **kw, config=fc.FMTTConfig(reward_scale=1.0, seed=1))
     search = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(40), **kw,
                             config=fc.FMTTConfig(mode="search", reward_scale=1.0, search_steps=3, search_keep=16, seed=1))
