@@ -7,7 +7,7 @@
 
     .venv/bin/python bench/bench_digits.py            # both parts
     .venv/bin/python bench/bench_digits.py --part accuracy --seeds 3
-    .venv/bin/python bench/bench_digits.py --quick    # a small smoke run
+    .venv/bin/python bench/bench_digits.py --quick    # a small smoke run -> bench/results/quick/ (not committed)
 
 Budget rule (fmtt_demo.methods): a network pass is one denoiser or flow-map forward for one particle
 (backward = 2). At each budget level FMTT exact with the flow map has N particles; every other method
@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from fmtt_core import time_grid
-from fmtt_demo.methods import (METHODS, Setup, evaluate, make_x_init, matched_particles, network_passes)
+from fmtt_demo.methods import METHODS, Setup, evaluate, make_x_init, matched_particles, network_passes
 from fmtt_demo.models import load_digit_models
 from fmtt_demo.rewards import ClassifierReward
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_RESULTS = RESULTS / "quick"  # git-ignored: a smoke run never replaces the committed full results
 CLASSES = (3, 5, 8)
 BENCH_METHODS = ("base", "best_of_n", "guidance", "fk", "fk_max", "fmtt_exact", "fmtt_search", "fmtt_denoiser",
                  "fmtt_zero_order")
@@ -89,6 +90,12 @@ def summarise(rows, key="judge_accuracy"):
     return out
 
 
+def _accuracy_row(method: str, cells: dict, budgets) -> str:
+    """One markdown row: mean ± std over seeds at each budget."""
+    cells_md = " | ".join(f"{cells[b][0]:.1%} ± {cells[b][1]:.1%}" for b in budgets)
+    return f"| {METHODS[method].label} | {cells_md} |"
+
+
 def accuracy_markdown(rows, classes) -> str:
     budgets = sorted({r["budget_particles"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
@@ -100,7 +107,7 @@ def accuracy_markdown(rows, classes) -> str:
              f"(FMTT exact with {', '.join(map(str, budgets))} particles, {STEPS} steps, beta {REWARD_SCALE:g}, "
              f"{N_OUT} samples handed on per run).", "", head, "|---|" + "---:|" * len(budgets)]
     for method, cells in summary.items():
-        lines.append(f"| {METHODS[method].label} | " + " | ".join(f"{cells[b][0]:.1%} ± {cells[b][1]:.1%}" for b in budgets) + " |")
+        lines.append(_accuracy_row(method, cells, budgets))
     lines += ["", "At the largest budget: judge and reward-classifier accuracy (a gap means adversarial pixels), "
               "resamplings (selections for search) per run, final ESS / N, thermodynamic length, wall time:", "",
               "| method | judge acc | reward clf acc | resampled | final ESS | thermodynamic length | wall s per run |",
@@ -121,7 +128,7 @@ def accuracy_markdown(rows, classes) -> str:
         s = summarise(cls_rows)
         lines += ["", f"Target class {cls}:", "", head, "|---|" + "---:|" * len(budgets)]
         for method, cells in s.items():
-            lines.append(f"| {METHODS[method].label} | " + " | ".join(f"{cells[b][0]:.1%} ± {cells[b][1]:.1%}" for b in budgets) + " |")
+            lines.append(_accuracy_row(method, cells, budgets))
     return "\n".join(lines) + "\n"
 
 
@@ -199,15 +206,16 @@ def run_memory(particle_counts, chunks, steps, log=print) -> list[dict]:
             cmd = [sys.executable, __file__, "--memory-worker", str(n), str(chunk or 0), str(steps)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            log(f"  N={n} chunk={chunk}: {rows[-1]['peak_mb']:.0f} MB, {rows[-1]['us_per_particle_step']:.0f} us/particle-step")
+            log(f"  N={n} chunk={chunk}: {rows[-1]['peak_mb']:.0f} MB, "
+                f"{rows[-1]['us_per_particle_step']:.0f} us/particle-step")
     return rows
 
 
 def memory_markdown(rows) -> str:
     counts = sorted({r["particles"] for r in rows})
     chunks = list(dict.fromkeys(r["chunk_size"] for r in rows))
-    lines = [f"FMTT exact (flow map, 1 jump, with backward), {rows[0]['steps']} steps, 1 CPU thread: peak memory growth "
-             "during sampling (MB, RSS sampled every ms) and wall time per particle-step (µs).", "",
+    lines = [f"FMTT exact (flow map, 1 jump, with backward), {rows[0]['steps']} steps, 1 CPU thread: "
+             "peak memory growth during sampling (MB, RSS sampled every ms) and wall time per particle-step (µs).", "",
              "| chunk size | " + " | ".join(f"N={n}" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
     for chunk in chunks:
         cells = {r["particles"]: r for r in rows if r["chunk_size"] == chunk}
@@ -244,14 +252,29 @@ def rows_json(rows) -> str:
     return "[\n" + ",\n".join(json.dumps({k: short(v) for k, v in r.items()}, sort_keys=True) for r in rows) + "\n]\n"
 
 
+def output_folder(out: Path | None, quick: bool) -> Path:
+    """Where the tables go: the committed bench/results for a full run, bench/results/quick for --quick."""
+    if out is None:
+        return QUICK_RESULTS if quick else RESULTS
+    if quick and out.resolve() == RESULTS.resolve():
+        raise ValueError(f"--quick would overwrite the committed full results in {RESULTS}; "
+                         f"leave --out out (default {QUICK_RESULTS}) or give another folder.")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("all", "accuracy", "memory"), default="all")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="two budgets, two seeds, one class, small memory sweep")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {RESULTS}, with --quick {QUICK_RESULTS})")
     parser.add_argument("--memory-worker", nargs=3, type=int, metavar=("N", "CHUNK", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.out = output_folder(args.out, args.quick)
+    except ValueError as e:
+        parser.error(str(e))
     if args.memory_worker:
         n, chunk, steps = args.memory_worker
         print(json.dumps(memory_worker(n, chunk or None, steps)))
@@ -260,7 +283,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "accuracy"):
-        budgets, seeds, classes = ((16, 64), range(2), (3,)) if args.quick else ((4, 8, 16, 32, 64, 128, 256), range(args.seeds), CLASSES)
+        if args.quick:
+            budgets, seeds, classes = (16, 64), range(2), (3,)
+        else:
+            budgets, seeds, classes = (4, 8, 16, 32, 64, 128, 256), range(args.seeds), CLASSES
         print(f"accuracy: classes {classes}, FMTT particles {budgets}, seeds {list(seeds)}")
         rows = run_accuracy(budgets, seeds, classes)
         (args.out / "digits_accuracy.json").write_text(rows_json(rows))

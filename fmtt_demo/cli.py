@@ -1,24 +1,37 @@
 """`fmtt demo`: FMTT against its baselines on the bundled digits models, on a CPU, with nothing to download.
 
     fmtt demo                               # steer toward digit 3, every method at a matched budget
-    fmtt demo --target-class 7 --particles 64 --steps 48 --seed 1 --out runs/seven
+    fmtt demo --target-class 7 --particles 128 --steps 60 --seed 1 --out runs/seven
     fmtt demo --reward symmetry             # a reward with no classifier at all: mirror symmetry
     fmtt demo --mode search                 # base sampling against one FMTT mode only
     torchrun --nproc-per-node 2 -m fmtt_demo.cli demo   # each population sharded over 2 processes, same table
 
 Writes OUT/samples.png, OUT/traces.png, OUT/results.json and OUT/results.md and prints the comparison table.
+Needs the pack's "demo" extra (pip install "comfyui-fmtt[demo]").
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
 from fmtt_core import time_grid
 
-from .methods import DEFAULT_METHODS, METHODS, MethodRun, Setup, evaluate, make_x_init, matched_particles, network_passes
+from .methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    MethodRun,
+    Setup,
+    evaluate,
+    make_x_init,
+    matched_particles,
+    network_passes,
+)
 from .models import load_digit_models
 from .report import format_table, write_results
 from .rewards import REWARDS, make_reward
@@ -27,6 +40,34 @@ MODES = ("compare", "exact", "search", "zero_order")
 # beta: log p(c|x) lies in [-5.3, 0] (the classifier was trained with label smoothing), the symmetry
 # reward mostly in [-0.2, 0]; these make the tilt decisive without saturating it.
 DEFAULT_REWARD_SCALE = {"classifier": 4.0, "symmetry": 100.0}
+DEFAULT_SAMPLES = 16  # handed on per method; fewer when there are fewer particles
+
+
+# What the demo imports beyond the pack's own dependencies: the "demo" extra (pyproject.toml).
+DEMO_EXTRA = {"tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow"}
+
+
+def missing_demo_packages(modules=DEMO_EXTRA) -> list[str]:
+    """The pip names of the demo's optional dependencies that do not import."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
+def check_out_folder(out: Path) -> None:
+    """Fail before any work if OUT cannot hold the results (an existing file, a read-only place)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a folder (it is created if missing).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}); give a folder you can write to.") from e
 
 
 def methods_for(mode: str, methods: str | None) -> list[str]:
@@ -41,12 +82,16 @@ def methods_for(mode: str, methods: str | None) -> list[str]:
     return ["base", f"fmtt_{mode}"]
 
 
-def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: int = 64, samples: int = 16,
+def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: int = 64, samples: int | None = None,
              steps: int = 40, mode: str = "compare", methods: str | None = None, reward_scale: float | None = None,
              eta: float = 1.0, jumps: int = 1, seed: int = 0, weights: Path | None = None,
              progress: bool = True, sharded: bool = False) -> tuple[list[MethodRun], dict]:
     """Run the comparison; returns the runs and the settings (everything results.json records)."""
     keys = methods_for(mode, methods)
+    samples = min(DEFAULT_SAMPLES, particles) if samples is None else samples
+    if samples > particles:
+        raise ValueError(f"--samples {samples} is more than --particles {particles}: FMTT hands on at most its "
+                         "particles; raise --particles or lower --samples.")
     models = load_digit_models(weights)
     scale = DEFAULT_REWARD_SCALE[reward] if reward_scale is None else reward_scale
     setup = Setup(models, make_reward(reward, models, target_class), reward_scale=scale, eta=eta, jumps=jumps,
@@ -103,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="classifier: log p(class | x); symmetry: left-right mirror symmetry (no model)")
     demo.add_argument("--particles", type=_positive(int), default=64,
                       help="FMTT's particles; every other method gets the particle count of the same budget")
-    demo.add_argument("--samples", type=_positive(int), default=16,
-                      help="samples each method hands on and is scored on (default 16): draws from the final "
-                           "weights, the top ones by reward for best-of-N and search")
+    demo.add_argument("--samples", type=_positive(int), default=None,
+                      help=f"samples each method hands on and is scored on, at most --particles (default "
+                           f"{DEFAULT_SAMPLES}, or --particles if fewer): draws from the final weights, the top ones "
+                           "by reward for best-of-N and search")
     demo.add_argument("--steps", type=_positive(int), default=40, help="sampler steps from t=0 to t=1 (default 40)")
     demo.add_argument("--mode", choices=MODES, default="compare",
                       help="compare: every method side by side (default); exact / search / zero_order: base "
@@ -133,12 +179,18 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        missing = missing_demo_packages()
+        if missing:
+            parser.exit(2, f"fmtt demo needs the pack's \"demo\" extra, which is not installed (missing: "
+                           f"{', '.join(missing)}). Install it with:\n    pip install \"comfyui-fmtt[demo]\"\n"
+                           "(from a clone of the repository: pip install -e \".[demo]\")\n")
         torch.set_num_threads(args.threads)
         # Under torchrun (RANK / WORLD_SIZE set) every population is sharded over the processes.
         from fmtt_core.distributed import FMTTDistributedError, init_from_env
         group = init_from_env(timeout_s=args.dist_timeout)
         rank = group.rank() if group is not None else 0
         try:
+            check_out_folder(args.out)
             runs, settings = run_demo(
                 target_class=args.target_class, reward=args.reward, particles=args.particles, samples=args.samples,
                 steps=args.steps, mode=args.mode, methods=args.methods, reward_scale=args.reward_scale, eta=args.eta,

@@ -86,7 +86,16 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_e, ax_d) = plt.subplots(1, 3, figsize=(16, 4))
+    # Panels only for what some run has: ESS when a run carries weights (search and best-of-N select
+    # instead), the Eulerian defect when a run measured it.
+    weighted = any(run.method.hands_on == "weights" for run in runs)
+    measured = any(np.isfinite([s.defect for s in run.result.trace]).any() for run in runs)
+    cols = 1 + weighted + measured
+    fig, axes = plt.subplots(1, cols, figsize=(5.5 * cols, 4), squeeze=False)
+    panels = iter(axes[0])
+    ax_r = next(panels)
+    ax_e = next(panels) if weighted else None
+    ax_d = next(panels) if measured else None
     for run in runs:
         trace = run.result.trace
         t = np.array([s.t for s in trace])
@@ -104,13 +113,13 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
         if np.isfinite(defect).any():
             ax_d.plot(t, defect, color=line.get_color(), label=run.method.label)
     ax_r.set(xlabel="t (0 noise, 1 data)", ylabel="mean look-ahead reward", title="reward of the predicted sample")
-    ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
-    ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
-             title="Eulerian defect (0: look-ahead = base flow map)")
     ax_r.legend(fontsize=7)
-    if ax_e.get_legend_handles_labels()[0]:
+    if weighted:
+        ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
         ax_e.legend(fontsize=7)
-    if ax_d.get_legend_handles_labels()[0]:
+    if measured:
+        ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
+                 title="Eulerian defect (0: look-ahead = base flow map)")
         ax_d.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

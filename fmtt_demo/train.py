@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import SPLIT_FRACTIONS, split_digits
-from .models import (WEIGHT_FILES, WEIGHTS_DIR, CNNJudge, FlowMapNet, MLPClassifier, VelocityNet, save_model)
+from .models import WEIGHT_FILES, WEIGHTS_DIR, CNNJudge, FlowMapNet, MLPClassifier, VelocityNet, save_model
 from .ode import heun_endpoint, heun_trajectory
 
 LEVEL = 1.0 / 8.0  # one ink level in pixel units
@@ -254,7 +254,8 @@ def memorisation(samples: torch.Tensor, splits: dict) -> dict:
     x_train = splits["train"][0].flatten(1)
     nearest = lambda x: torch.cdist(x.flatten(1), x_train).min(1).values / 8  # noqa: E731  (RMS over 64 px)
     return {"nearest_train_rms_samples": round(float(nearest(samples).median()), 4),
-            "nearest_train_rms_heldout_real": round(float(nearest(torch.cat([splits["judge"][0], splits["test"][0]])).median()), 4)}
+            "nearest_train_rms_heldout_real":
+                round(float(nearest(torch.cat([splits["judge"][0], splits["test"][0]])).median()), 4)}
 
 
 # ------------------------------------------------------------------------------------ main

@@ -63,7 +63,7 @@ class AestheticScore(Reward):
         self.backbone, self.mlp = backbone.to(self.device, self.dtype), mlp.to(self.device, self.dtype)
         self.freeze()
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         embedding = F.normalize(self.backbone.encode_image(self.backbone.transform(images)), dim=-1)
         return self.mlp(embedding)[:, 0]
 

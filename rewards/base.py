@@ -6,9 +6,10 @@ A reward maps a batch of images to one score per image and is differentiable in 
             the node layer permutes)
     returns: float tensor [B] (float32), larger is better
 
-Subclasses implement `score(images)` for one chunk already validated and moved to the reward's
-device / dtype. `__call__` validates, chunks the batch so memory stays bounded, and returns float32
-on the input's device.
+A reward is called: `reward(images)` validates, chunks the batch so memory stays bounded, and returns
+float32 on the input's device. Subclasses implement `evaluate(images)` for one chunk already validated
+and moved to the reward's device / dtype. ("Score" is kept for the score function grad log p_t of the
+core's clock; here everything is a reward.)
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def check_images(images: torch.Tensor, *, name: str = "images", range_tol: float
             f"{name} must have 3 (RGB) channels in dim 1, got {images.shape[1]} (shape {tuple(images.shape)}). "
             "Convert grey or RGBA images to RGB first.")
     if not images.is_floating_point():
-        raise RewardInputError(f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; divide uint8 by 255.")
+        raise RewardInputError(
+            f"{name} must be a float tensor in [0, 1], got dtype {images.dtype}; divide uint8 by 255.")
     with torch.no_grad():
         lo, hi = images.min().item(), images.max().item()
     if lo < -range_tol or hi > 1 + range_tol:
@@ -57,10 +59,10 @@ class Reward(torch.nn.Module):
         self.dtype = dtype
         self.chunk_size = chunk_size
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def freeze(self) -> "Reward":
+    def freeze(self) -> Reward:
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -69,6 +71,6 @@ class Reward(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
         size = self.chunk_size or images.shape[0]
-        out = [self.score(chunk.to(self.device, self.dtype)).float().reshape(-1)
+        out = [self.evaluate(chunk.to(self.device, self.dtype)).float().reshape(-1)
                for chunk in images.split(size)]
         return torch.cat(out).to(images.device)

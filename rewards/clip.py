@@ -110,7 +110,7 @@ class ClipScore(Reward):
         self.register_buffer("text_features", text, persistent=False)
         self.register_buffer("multiplier", s.to(text.dtype), persistent=False)
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         image = F.normalize(self.backbone.encode_image(self.backbone.transform(images)), dim=-1)
         return self.multiplier * (image @ self.text_features)
 

@@ -19,8 +19,8 @@ to rank candidates (search, best-of-N); for sampling with weights use Affine, fi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
 
 import torch
 
@@ -39,7 +39,7 @@ class Affine:
                              f"scale={self.scale}; use a negative term weight to reverse a reward.")
 
     @classmethod
-    def fit(cls, scores: torch.Tensor) -> "Affine":
+    def fit(cls, scores: torch.Tensor) -> Affine:
         """Standardise with the mean and standard deviation of calibration scores (frozen afterwards)."""
         scores = torch.as_tensor(scores, dtype=torch.float64).detach().flatten()
         if scores.numel() < 2 or not torch.isfinite(scores).all():
@@ -63,7 +63,7 @@ class BatchStandardize:
         return (scores - scores.mean()) / (scores.std(unbiased=False) + self.eps)
 
 
-Normalization = Union[Affine, BatchStandardize]
+Normalization = Affine | BatchStandardize
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class WeightedSum(Reward):
         self.terms = tuple(Term(t.reward, float(t.weight), t.normalize, t.name or f"term{i}")
                            for i, t in enumerate(terms))
 
-    def term_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised, unweighted scores [n_terms, B] (for traces and previews)."""
+    def term_rewards(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised, unweighted rewards [n_terms, B] (for traces and previews)."""
         rows = []
         for t in self.terms:
             r = t.reward(images)
@@ -110,11 +110,11 @@ class WeightedSum(Reward):
             rows.append(t.normalize(r.float().to(images.device)))
         return torch.stack(rows)
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         weights = torch.tensor([t.weight for t in self.terms], device=images.device)
-        return weights @ self.term_scores(images)
+        return weights @ self.term_rewards(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # No chunking or device move here: each term does its own, and BatchStandardize needs the whole batch.
         check_images(images)
-        return self.score(images)
+        return self.evaluate(images)

@@ -15,7 +15,7 @@ All are differentiable in the pixels and cheap; images are [B, 3, H, W] in [0, 1
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +100,7 @@ class MaskContainment(Reward):
                                    "mask [H, W] shared by all images, or one per image [B, H, W].")
         return self.mask
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         return self.containment(images, self._masks_for(images.shape[0]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -130,7 +130,7 @@ class MirrorSymmetry(Reward):
             raise ValueError(f"axis={axis!r} is not one of {tuple(dims)}.")
         self.axis, self.flip_dim = axis, dims[axis]
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         return -(images - images.flip(self.flip_dim)).square().flatten(1).mean(1)
 
 
@@ -181,5 +181,5 @@ class RotationInvariance(Reward):
         squared = (images - rotate(images, degrees)).square().mean(1)  # [B, H, W]
         return (squared * disc).flatten(1).sum(1) / disc.sum()
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         return -torch.stack([self._mse(images, a) for a in self.angles]).mean(0)

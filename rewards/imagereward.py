@@ -122,7 +122,7 @@ class ImageRewardScore(Reward):
         self.register_buffer("input_ids", tokens["input_ids"].to(self.device), persistent=False)
         self.register_buffer("attention_mask", tokens["attention_mask"].to(self.device), persistent=False)
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         image_tokens = self.vision(pixel_values=self.transform(images)).last_hidden_state
         b = image_tokens.shape[0]
         out = self.text(input_ids=self.input_ids.expand(b, -1), attention_mask=self.attention_mask.expand(b, -1),

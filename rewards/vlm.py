@@ -347,7 +347,7 @@ class VLMQuestionReward(Reward):
             return log_yes - log_p[:, self.no_ids].logsumexp(-1)
         return log_yes
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, images: torch.Tensor) -> torch.Tensor:
         scored = self.pixels.encode(images)
         total = 0.0
         for index, question in enumerate(self.questions):

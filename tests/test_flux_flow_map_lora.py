@@ -5,25 +5,25 @@ tests/integration/test_flux_flow_map.py."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from fmtt_core.flow_maps import (FlowMapLoRAError, average_embeddings, inspect_two_time_lora, jump_from_denoiser,
-                                 sigma_jump)
+from fmtt_core.flow_maps import (
+    FlowMapLoRAError,
+    average_embeddings,
+    inspect_two_time_lora,
+    jump_from_denoiser,
+    sigma_jump,
+)
 from fmtt_core.flow_maps.two_time_lora import ORIGINAL, SECOND
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-_spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_reference",
-                                               Path(__file__).with_name("flux_flow_map_reference.py"))
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+from fmtt_testing import flux_flow_map_reference as ref  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import fmtt_rewards as R
 from fmtt_rewards.base import RewardInputError
 from fmtt_rewards.local_files import RewardFilesError, RewardWeightsError, hub_offline
 from fmtt_rewards.preprocess import ClipTransform
+from fmtt_testing.hf_models import perturb_, register_open_clip_archs, write_hf_clip_folder
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -34,15 +35,6 @@ TINY_CFG = {"embed_dim": 32,
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 OTHER_ARCH = "fmtt-test-tiny-vit-wide"
 OTHER_CFG = {**TINY_CFG, "vision_cfg": {**TINY_CFG["vision_cfg"], "width": 96}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine extra threads only wait."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 # ---------------------------------------------------------------- no network, ever
@@ -70,23 +62,11 @@ def no_network(monkeypatch):
 
 # ---------------------------------------------------------------- tiny models in user formats
 
-def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
-    """Random init leaves LayerNorms at (1, 0) and some biases at 0; perturb every tensor so that
-    a swapped or dropped weight changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_open_clip(tmp_path_factory):
     """(open_clip model, safetensors path, HPSv2-style .pt path) for the tiny architecture."""
     d = tmp_path_factory.mktemp("open_clip")
-    for name, cfg in ((TINY_ARCH, TINY_CFG), (OTHER_ARCH, OTHER_CFG)):
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(d / f"{name}.json")
+    register_open_clip_archs(d, {TINY_ARCH: TINY_CFG, OTHER_ARCH: OTHER_CFG})
     torch.manual_seed(0)
     model = perturb_(open_clip.create_model(TINY_ARCH), seed=1).eval()
     model.logit_scale.data.fill_(3.0)
@@ -96,51 +76,11 @@ def tiny_open_clip(tmp_path_factory):
     return model, d / "open_clip_model.safetensors", d / "HPS_v2_compressed.pt"
 
 
-def bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-level alphabet (the published mapping), to write a real vocab.json."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_clip_tokenizer(folder) -> int:
-    """A small but real CLIP BPE tokenizer (vocab.json + merges.txt); returns the vocabulary size."""
-    chars = bytes_to_unicode()
-    merges = ["c a", "ca t</w>", "r e", "re d</w>", "p h", "o t", "ph ot", "phot o</w>", "o n</w>", "t h", "th e</w>"]
-    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny_hf_clip(tmp_path_factory):
-    """(CLIPModel, folder) of a transformers CLIP folder: config.json, model.safetensors, tokenizer files,
-    preprocessor_config.json with non-default statistics and a resize-then-crop geometry."""
-    d = tmp_path_factory.mktemp("hf_clip")
-    vocab = write_clip_tokenizer(d)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=16)
-    torch.manual_seed(2)
-    model = perturb_(transformers.CLIPModel(config), seed=3).eval()
-    model.save_pretrained(d, safe_serialization=True)
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 36},
-        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.4, 0.3],
-        "image_std": [0.2, 0.25, 0.3], "resample": 3}))
-    return model, d
+    """(CLIPModel, folder) of a transformers CLIP folder (fmtt_testing.hf_models.write_hf_clip_folder)."""
+    folder = tmp_path_factory.mktemp("hf_clip")
+    return write_hf_clip_folder(folder), folder
 
 
 class PublishedHead(torch.nn.Module):
@@ -191,11 +131,11 @@ def check_contract(reward, reward64):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
     x64 = images(b=2, seed=1, dtype=torch.float64).requires_grad_(True)
-    reward64.score(x64).sum().backward()
+    reward64.evaluate(x64).sum().backward()
     direction = torch.randn(x64.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     h = 1e-4
     with torch.no_grad():
-        fd = (reward64.score(x64 + h * direction).sum() - reward64.score(x64 - h * direction).sum()) / (2 * h)
+        fd = (reward64.evaluate(x64 + h * direction).sum() - reward64.evaluate(x64 - h * direction).sum()) / (2 * h)
     analytic = (x64.grad * direction).sum()
     assert abs(analytic.item()) > 1e-8
     torch.testing.assert_close(analytic, fd, rtol=1e-5, atol=1e-9)
@@ -470,7 +410,7 @@ def tiny_imagereward(tmp_path_factory):
 
 
 def imagereward_reference(vit, bert, head, tokenizer_folder, x, prompt, padding="max_length"):
-    """ImageReward.score(): BLIP ViT tokens, BERT cross-attending to them, [CLS] -> MLP -> standardise."""
+    """ImageReward.evaluate(): BLIP ViT tokens, BERT cross-attending to them, [CLS] -> MLP -> standardise."""
     tok = transformers.BertTokenizerFast.from_pretrained(str(tokenizer_folder), local_files_only=True)
     t = tok(prompt, padding=padding, truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():

@@ -25,7 +25,7 @@ def test_weighted_sum_with_affine_normalisation_by_hand():
     out = total(x)
     assert out.shape == (6,) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected)
-    scores = total.term_scores(x)
+    scores = total.term_rewards(x)
     assert scores.shape == (2, 6)
     torch.testing.assert_close(scores[1], (inside(x) - 0.3) / 0.2)
     assert [t.name for t in total.terms] == ["term0", "term1"]
@@ -40,8 +40,9 @@ def test_gradient_is_the_gradient_of_the_composed_expression():
     x = batch(3).requires_grad_()
     w = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)  # not a plain sum: standardised scores sum to 0
     (grad,) = torch.autograd.grad((w * total(x)).sum(), x)
-    c = inside.score(x)
-    expected = sym.score(x) + 0.5 * (rot.score(x) - 0.1) / 0.05 + 3.0 * (c - c.mean()) / (c.std(unbiased=False) + 1e-6)
+    c = inside.evaluate(x)
+    expected = (sym.evaluate(x) + 0.5 * (rot.evaluate(x) - 0.1) / 0.05
+                + 3.0 * (c - c.mean()) / (c.std(unbiased=False) + 1e-6))
     (expected_grad,) = torch.autograd.grad((w * expected).sum(), x)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
@@ -71,7 +72,7 @@ def test_batch_standardisation_depends_on_the_batch_and_affine_does_not():
 
 
 class WrongShape(Reward):
-    def score(self, images):
+    def evaluate(self, images):
         return images.mean(dim=(1, 2))  # [B, W] instead of [B]
 
 

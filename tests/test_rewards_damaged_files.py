@@ -5,8 +5,8 @@ well under the seconds building it takes), and a load that fails after building 
 from __future__ import annotations
 
 import gc
-import re
 import json
+import re
 import time
 
 import pytest
@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import fmtt_rewards as R
 from fmtt_rewards.local_files import RewardFilesError, RewardWeightsError
+from fmtt_testing.hf_models import register_open_clip_archs
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -37,9 +38,7 @@ class Payload:
 def files(tmp_path_factory):
     """Good and damaged weight files of a tiny open_clip CLIP, in every format users have."""
     d = tmp_path_factory.mktemp("damaged")
-    for name, cfg in ((ARCH, CFG), (WIDE_ARCH, WIDE_CFG)):
-        (d / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(d / f"{name}.json")
+    register_open_clip_archs(d, {ARCH: CFG, WIDE_ARCH: WIDE_CFG})
     torch.manual_seed(0)
     state = open_clip.create_model(ARCH).state_dict()
     save_file(state, d / "good.safetensors")

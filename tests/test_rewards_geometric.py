@@ -8,7 +8,13 @@ import torch
 
 from fmtt_rewards.base import RewardInputError
 from fmtt_rewards.geometric import (
-    MaskContainment, MirrorSymmetry, RotationInvariance, inscribed_disc, resize_mask, rotate)
+    MaskContainment,
+    MirrorSymmetry,
+    RotationInvariance,
+    inscribed_disc,
+    resize_mask,
+    rotate,
+)
 
 
 def image_from_pixels(rows):
@@ -128,7 +134,7 @@ def test_non_square_rotation_by_90_names_the_fix():
 ], ids=["luminance", "ink", "color", "mirror", "rot90+180", "rot33"])
 def test_gradients_match_finite_differences(reward):
     x = (0.2 + 0.6 * torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    assert torch.autograd.gradcheck(reward.score, (x.requires_grad_(),), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(reward.evaluate, (x.requires_grad_(),), eps=1e-6, atol=1e-7)
     out = reward(x)
     assert out.shape == (2,) and out.dtype == torch.float32 and torch.isfinite(out).all()
 

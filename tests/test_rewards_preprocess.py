@@ -6,19 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2 as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 
 from fmtt_rewards.preprocess import CLIP_MEAN, CLIP_STD, ClipTransform, center_crop
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine extra threads only wait."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def smooth_images(b, h, w, seed=0):

@@ -1,7 +1,7 @@
 """VLM question reward on tiny random models of the real architectures, saved and loaded as a user has them.
 
 Each family (Idefics3 / SmolVLM, Qwen2-VL, Qwen2.5-VL) gets a tiny model, a byte-level BPE tokenizer
-trained here on a few sentences, a processor with a chat template, all written with save_pretrained
+trained on a few sentences (fmtt_testing.hf_models), a processor with a chat template, all written with save_pretrained
 (safetensors) and loaded back through the public loader. The reward is checked against the stock HF
 pipeline (processor on uint8 images -> model -> next-token softmax), against finite differences, and for
 the batching / weighting / reference-image behaviour.
@@ -18,93 +18,10 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from fmtt_rewards.base import RewardInputError  # noqa: E402
-from fmtt_rewards.vlm import (  # noqa: E402
-    Question, VLMQuestionReward, answer_token_ids, check_vlm_folder, load_vlm, load_vlm_reward)
-
-QUESTION = "Is this a photo of a cat?"
-OTHER_QUESTION = "Does it match the style of the reference?"
-CORPUS = ["Yes No Yes No", "Yes, No.", "Yes\nNo\n", QUESTION, OTHER_QUESTION,
-          "User: Assistant: system user assistant You are a helpful assistant."] * 4
-
-IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def tiny_tokenizer(specials: list[str], **special_kwargs):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special_kwargs)
-
-
-def save_idefics3(folder, family: str = "idefics3"):
-    """Idefics3 (SmolVLM v1) or SmolVLM2 (`smolvlm`, same layout plus a video processor)."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tok = tiny_tokenizer(specials, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
-    smol = family == "smolvlm"
-    config = (transformers.SmolVLMConfig if smol else transformers.Idefics3Config)(
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=256, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    model_class = transformers.SmolVLMForConditionalGeneration if smol else transformers.Idefics3ForConditionalGeneration
-    model = model_class(config)
-    image_processor = (transformers.SmolVLMImageProcessor if smol else transformers.Idefics3ImageProcessor)(
-        size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False)
-    kwargs = dict(image_processor=image_processor, tokenizer=tok, image_seq_len=model.model.image_seq_len,
-                  chat_template=IDEFICS3_TEMPLATE)
-    if smol:
-        kwargs["video_processor"] = transformers.SmolVLMVideoProcessor()
-    processor = (transformers.SmolVLMProcessor if smol else transformers.Idefics3Processor)(**kwargs)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
-def save_qwen(folder, family: str):
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tok = tiny_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"])
-    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
-    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if family == "qwen2_vl":
-        config = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32, mlp_ratio=2),
-                                            **tokens)
-        model_class, processor_class = transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
-    else:
-        vision.update(intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[0])
-        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-        model_class, processor_class = transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLProcessor
-    torch.manual_seed(0)
-    model = model_class(config)
-    image_processor = transformers.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
-                                                         min_pixels=8 * 8, max_pixels=32 * 32)
-    kwargs = dict(image_processor=image_processor, tokenizer=tok, chat_template=QWEN_TEMPLATE)
-    if "video_processor" in __import__("inspect").signature(processor_class.__init__).parameters:
-        kwargs["video_processor"] = transformers.Qwen2VLVideoProcessor()
-    model.save_pretrained(folder, safe_serialization=True)
-    processor_class(**kwargs).save_pretrained(folder)
-
+from fmtt_rewards.vlm import Question, VLMQuestionReward, answer_token_ids, check_vlm_folder, load_vlm, load_vlm_reward  # noqa: E402
+from fmtt_testing.hf_models import VLM_OTHER_QUESTION as OTHER_QUESTION  # noqa: E402
+from fmtt_testing.hf_models import VLM_QUESTION as QUESTION  # noqa: E402
+from fmtt_testing.hf_models import save_vlm  # noqa: E402
 
 try:  # transformers' SmolVLM (v2) processor needs num2words; test_smolvlm_needs_num2words reports its absence
     import num2words  # noqa: F401
@@ -119,7 +36,7 @@ def folders(tmp_path_factory):
     out = {}
     for family in FAMILIES:
         folder = tmp_path_factory.mktemp(family)
-        save_qwen(folder, family) if family.startswith("qwen") else save_idefics3(folder, family)
+        save_vlm(folder, family)
         out[family] = folder
     return out
 
@@ -297,14 +214,14 @@ def test_shape_finite_deterministic_and_chunking(loaded, family):
 def test_gradient_matches_finite_difference(loaded, family):
     reward = reward_for(loaded, family)
     x = images(2, (20, 28), seed=4).requires_grad_()
-    reward.score(x).sum().backward()
+    reward.evaluate(x).sum().backward()
     assert x.grad.abs().sum() > 0
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
     # The models' RMSNorms compute in float32 even for float64 weights, so the forward carries ~1e-7
     # noise: a larger step keeps it below the tolerance (central-difference error is O(eps^2)).
     eps = 1e-3
     with torch.no_grad():
-        fd = (reward.score(x + eps * v) - reward.score(x - eps * v)).sum() / (2 * eps)
+        fd = (reward.evaluate(x + eps * v) - reward.evaluate(x - eps * v)).sum() / (2 * eps)
     torch.testing.assert_close((x.grad * v).sum(), fd, rtol=2e-3, atol=1e-6)
 
 

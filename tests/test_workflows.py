@@ -1,18 +1,15 @@
-"""Every example workflow in workflows/ is structurally sound, checked without ComfyUI against a snapshot of the
-node schemas (tests/data/object_info.json): node types exist (this pack's or core ComfyUI's), links join equal
-types, required sockets are connected, widget counts match the schemas. The integration suite checks that the
+"""Every example workflow in workflows/ opens in the frontend with no node drawn over another, and is structurally
+sound, checked without ComfyUI against a snapshot of the node schemas (tests/data/object_info.json): node types
+exist (this pack's or core ComfyUI's), links join equal types, required sockets are connected, widget counts
+match the schemas. The integration suite checks that the
 snapshot matches a live ComfyUI with the pack loaded, and runs every workflow there with tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("fmtt_workflow_tools", Path(__file__).with_name("workflow_tools.py"))
-wt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(wt)
+from fmtt_testing import workflows as wt
 
 SIGS = json.loads(wt.SNAPSHOT.read_text())["nodes"]
 PATHS = wt.workflow_paths()
@@ -39,6 +36,23 @@ def test_workflow_is_documented_in_the_readme(path):
     if "## Example workflows" not in readme:
         pytest.skip("README has no 'Example workflows' section yet")
     assert path.name in readme, f"{path.name} is not listed in the README's workflow table"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+def test_workflow_opens_with_no_node_over_another(path):
+    assert wt.layout_problems(wt.load_workflow(path)) == []
+
+
+def test_layout_check_catches_overlaps_and_undersized_nodes():
+    original = wt.load_workflow(PATHS[0])
+    moved = json.loads(json.dumps(original))
+    a, b = moved["nodes"][0], moved["nodes"][1]
+    b["pos"] = [a["pos"][0] + 10, a["pos"][1] + a["size"][1] + 5]  # only b's title bar reaches into a
+    assert any(f"nodes {a['id']} ({a['type']}) and {b['id']}" in p for p in wt.layout_problems(moved))
+    shrunk = json.loads(json.dumps(original))
+    node = max(shrunk["nodes"], key=lambda n: len(n.get("widgets_values") or []))
+    node["size"][1] = 60
+    assert any(f"node {node['id']} ({node['type']}): height 60" in p for p in wt.layout_problems(shrunk))
 
 
 def test_checker_catches_broken_workflows():

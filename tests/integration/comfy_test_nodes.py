@@ -11,11 +11,10 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
 import json
 import sys
 
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
 Reward = io.Custom("FMTT_REWARD")

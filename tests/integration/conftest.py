@@ -8,7 +8,6 @@ whose custom_nodes/ holds a link to this checkout (the pack) and the test-only n
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -23,19 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from fmtt_testing import workflows
+
 HERE = Path(__file__).resolve().parent
 PACK = HERE.parents[1]
 PACK_DIR_NAME = "comfyui-fmtt"  # the test-only nodes find the pack's modules by this name
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-workflow_tools = _load("fmtt_workflow_tools", HERE.parent / "workflow_tools.py")
 
 
 MEMORY_BUDGET_MB = 1500  # every normal test prompt fits well within it
@@ -113,8 +104,10 @@ def comfy(tmp_path_factory):
     (nodes_dir / "fmtt_test_nodes").mkdir(parents=True)
     os.symlink(PACK, nodes_dir / PACK_DIR_NAME)
     shutil.copy(HERE / "comfy_test_nodes.py", nodes_dir / "fmtt_test_nodes" / "__init__.py")
+    # tiny_models.py runs in ComfyUI's python and builds its transformers folders with fmtt_testing.hf_models.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
     subprocess.run([python, str(HERE / "tiny_models.py"), comfy_path, str(base)], check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, env=env)
     port = _port()
     log = base / "comfyui.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -133,7 +126,7 @@ def comfy(tmp_path_factory):
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ComfyUI did not start; log:\n{log.read_text()[-5000:]}")
+                    raise RuntimeError(f"ComfyUI did not start; log:\n{log.read_text()[-5000:]}") from None
                 time.sleep(0.5)
         client.base = base
         yield client
@@ -152,4 +145,4 @@ def object_info(comfy):
 
 @pytest.fixture(scope="session")
 def sigs(object_info):
-    return workflow_tools.signatures(object_info)
+    return workflows.signatures(object_info)

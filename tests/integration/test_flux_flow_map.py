@@ -3,19 +3,12 @@ against diffusers + FMRG's DualTimeEmbedder + peft (tiny_flux_flow_map.py), FMTT
 and wrong files / models refused with errors that name the fix while the server keeps serving."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("fmtt_test_comfyui_builders",
-                                               Path(__file__).with_name("test_comfyui.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-custom_prompt, error_message, fmtt_sampler, latent_of, ok = (_base.custom_prompt, _base.error_message,
-                                                            _base.fmtt_sampler, _base.latent_of, _base.ok)
+from fmtt_testing.comfy_prompts import custom_prompt, error_message, fmtt_sampler, latent_of, ok
 
 pytestmark = pytest.mark.integration
 LORA = "tiny_flux_flowmap_lora.safetensors"

@@ -13,7 +13,6 @@ Writes, under BASE_DIR:
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,14 +25,6 @@ CASES = [((4, 4), 1, [(1.0, 0.0), (0.8, 0.3), (0.55, 0.5), (0.3, 0.0)]),
          ((4, 4), 3, [(0.9, 0.2), (0.6, 0.6)]),
          ((6, 8), 2, [(1.0, 0.0), (0.7, 0.4)])]
 CHAIN = (0.9, 0.6, 0.3, 0.0)  # three equal jumps in t from t = 0.1 to 1: the look-ahead with jumps = 3
-
-
-def reference_module():
-    spec = importlib.util.spec_from_file_location("fmtt_flux_flow_map_reference",
-                                                  HERE.parent / "flux_flow_map_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def to_comfy(diffusers_sd: dict, unet_config: dict) -> dict:
@@ -75,7 +66,8 @@ def build(base: Path) -> None:
     import comfy.ldm.flux.model
     import comfy.ops
     from safetensors.torch import save_file
-    ref = reference_module()
+
+    from fmtt_testing import flux_flow_map_reference as ref
     models = base / "models"
     for sub in ("diffusion_models", "loras"):
         (models / sub).mkdir(parents=True, exist_ok=True)

@@ -1,14 +1,15 @@
 """Build tiny random models of the real architectures into a ComfyUI base directory (run with ComfyUI's python).
 
-    python tiny_models.py COMFYUI_PATH BASE_DIR
+    PYTHONPATH=tests python tests/integration/tiny_models.py COMFYUI_PATH BASE_DIR
 
 Writes, under BASE_DIR/models:
-  diffusion_models/tiny_flux_dev.safetensors     Flux (comfy.ldm.flux.model.Flux) with guidance_in: detected as FLUX.1-dev
+  diffusion_models/tiny_flux_dev.safetensors     Flux (comfy.ldm.flux.model.Flux) with guidance_in: FLUX.1-dev
   diffusion_models/tiny_flux_schnell.safetensors the same without guidance_in: detected as FLUX.1-schnell
   vae/tiny_taef1.safetensors                     a 16-channel TAESD (encoder + decoder, vae_scale / vae_shift)
   vae/tiny_taesd_4ch.safetensors                 a 4-channel TAESD: the wrong VAE for Flux (bad-input test)
   reward_models/tiny_clip/                       a transformers CLIP folder with a real BPE tokenizer
   reward_models/tiny_smolvlm/                    an Idefics3 (SmolVLM) folder: model, processor, chat template
+                                                 (both from fmtt_testing.hf_models, as the reward tests build them)
   fmtt_flow_maps/tiny_flow_map.safetensors       a flow map in the pack's format
   loras/tiny_*_lora.safetensors, ...             FLUX flow-map LoRAs and their reference (tiny_flux_flow_map.py)
 and BASE_DIR/input/tiny_image.png, tiny_mask.png. Every parameter is initialised here: ComfyUI's
@@ -16,11 +17,12 @@ disable_weight_init layers would otherwise hold garbage.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
+
+from fmtt_testing.hf_models import save_idefics3, write_hf_clip_folder
 
 
 def init_(module: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
@@ -56,72 +58,6 @@ def taesd(channels: int, seed: int):
     return net
 
 
-def write_clip_folder(folder: Path):
-    import transformers
-    folder.mkdir(parents=True, exist_ok=True)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    merges = ["c a", "ca t</w>", "r e", "re d</w>"]
-    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>",
-                                                                                         "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    v = len(vocab)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=v - 2, eos_token_id=v - 1,
-                         pad_token_id=v - 1),
-        vision_config=dict(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2), projection_dim=16)
-    torch.manual_seed(5)
-    init_(transformers.CLIPModel(config), 6).save_pretrained(folder, safe_serialization=True)
-
-
-IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-
-
-def write_smolvlm_folder(folder: Path):
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    corpus = ["Yes No Yes No", "Yes, No.", "Is the cat wearing a red hat?", "User: Assistant:"] * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
-                                               eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
-    config = transformers.Idefics3Config(
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=256, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(7)
-    model = transformers.Idefics3ForConditionalGeneration(config)
-    image_processor = transformers.Idefics3ImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                                          do_image_splitting=False)
-    processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tok,
-                                               image_seq_len=model.model.image_seq_len, chat_template=IDEFICS3_TEMPLATE)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-
-
 def write_flow_map(path: Path, pack: Path):
     sys.path.insert(0, str(pack))  # fmtt_core is a plain package of the pack (torch only)
     from fmtt_core.flow_maps import conv_resnet as module
@@ -131,8 +67,8 @@ def write_flow_map(path: Path, pack: Path):
 
 
 def write_images(input_dir: Path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     input_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(input_dir / "tiny_image.png")
@@ -155,8 +91,8 @@ def main(comfy_path: str, base: str):
     save_file(flux(False, 2).state_dict(), models / "diffusion_models" / "tiny_flux_schnell.safetensors")
     save_file(taesd(16, 3).state_dict(), models / "vae" / "tiny_taef1.safetensors")
     save_file(taesd(4, 4).state_dict(), models / "vae" / "tiny_taesd_4ch.safetensors")
-    write_clip_folder(models / "reward_models" / "tiny_clip")
-    write_smolvlm_folder(models / "reward_models" / "tiny_smolvlm")
+    write_hf_clip_folder(models / "reward_models" / "tiny_clip")
+    save_idefics3(models / "reward_models" / "tiny_smolvlm")
     write_flow_map(models / "fmtt_flow_maps" / "tiny_flow_map.safetensors", pack)
     write_images(base / "input")
     sys.path.insert(0, str(Path(__file__).resolve().parent))

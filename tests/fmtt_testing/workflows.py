@@ -1,16 +1,17 @@
 """Reading ComfyUI workflows without ComfyUI: node signatures from /object_info, structure checks of UI-format
 workflows (what the frontend's "Save" writes) and their conversion to the API format POST /prompt runs.
 
-Imported by path from tests/test_workflows.py and tests/integration (tests/ is not a package).
+Used by tests/test_workflows.py and tests/integration: `from fmtt_testing import workflows`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 WORKFLOWS = ROOT / "workflows"
-SNAPSHOT = Path(__file__).resolve().parent / "data" / "object_info.json"
+SNAPSHOT = TESTS / "data" / "object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
@@ -98,7 +99,7 @@ def check_workflow(workflow: dict, sigs: dict) -> list[str]:
             if j >= len(sig["outputs"]) or out["type"] != sig["outputs"][j]["type"]:
                 problems.append(f"{where}: output {j} '{out.get('name')}' of type {out.get('type')} does not match "
                                 "the schema")
-    for link_id, (lid, src, src_slot, dst, dst_slot, ltype) in links.items():
+    for lid, src, src_slot, dst, dst_slot, ltype in links.values():
         if src not in nodes or dst not in nodes:
             problems.append(f"link {lid}: connects a missing node")
             continue
@@ -158,3 +159,45 @@ def make_snapshot(object_info: dict, comfyui_version: str, module_suffix: str = 
     used = {n["type"] for p in workflow_paths() for n in load_workflow(p)["nodes"]} - FRONTEND_ONLY
     return {"comfyui_version": comfyui_version, "pack_nodes": ours,
             "nodes": signatures(object_info, set(ours) | used)}
+
+
+# ---------------------------------------------------------------- layout as the frontend draws it
+
+# LiteGraph's geometry in ComfyUI's frontend: the title bar sits above `pos`; each socket row and each widget
+# row takes a fixed height. Measured against the frontend bundled with ComfyUI 0.28.2, a node's smallest
+# height is 20 * max(socket inputs, outputs) + 24 * widgets + 6 (plus 8 more for most); a node stored smaller
+# is drawn larger than the JSON says and can spill onto its neighbours.
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, BODY_PADDING = 30, 20, 24, 6
+
+
+def min_node_height(node: dict) -> int:
+    sockets = sum(1 for i in node.get("inputs", []) if "widget" not in i)
+    widgets = len(node.get("widgets_values") or [])
+    return SLOT_HEIGHT * max(sockets, len(node.get("outputs", []))) + WIDGET_HEIGHT * widgets + BODY_PADDING
+
+
+def node_rect(node: dict) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) on the canvas, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    if node.get("flags", {}).get("collapsed"):
+        h = 0
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def layout_problems(workflow: dict) -> list[str]:
+    """Nodes drawn over each other when the workflow opens, and nodes stored smaller than they are drawn."""
+    problems = []
+    nodes = workflow["nodes"]
+    for n in nodes:
+        need = min_node_height(n)
+        if not n.get("flags", {}).get("collapsed") and n["size"][1] < need:
+            problems.append(f"node {n['id']} ({n['type']}): height {n['size'][1]} < {need}, the least the frontend "
+                            "draws for its sockets and widgets")
+    for i, a in enumerate(nodes):
+        ax0, ay0, ax1, ay1 = node_rect(a)
+        for b in nodes[i + 1:]:
+            bx0, by0, bx1, by1 = node_rect(b)
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                problems.append(f"nodes {a['id']} ({a['type']}) and {b['id']} ({b['type']}) overlap: "
+                                f"{[ax0, ay0, ax1, ay1]} and {[bx0, by0, bx1, by1]} (title bar included)")
+    return problems
