@@ -49,7 +49,7 @@ def best_of_n(denoiser, x_init, times, *, reward, config: FMTTConfig | None = No
         raise FMTTInputError("best_of_n needs a reward to rank the samples.")
     res = base_sample(denoiser, x_init, times, reward=reward, config=config, decoder=decoder,
                       callback=callback, population=population)
-    res.method = f"best-of-{x_init.shape[0]}"
+    res.method = f"best-of-{res.samples.shape[0]}"
     return res
 
 

@@ -41,9 +41,9 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         d, r, g = loop.evaluate(x, t, look=look, grad_scale=scale)
         if r is None:
             r = torch.full((pop.count,), math.nan, dtype=torch.float64)
-            valid = pop.count
+            valid = pop.size
         else:
-            valid = count_valid(r, t)
+            valid = count_valid(r, t, pop)
 
         w = torch.exp(pop.normalize(log_w))
         mean = pop.weighted_mean(w, r)
@@ -62,8 +62,9 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
             rule.reindex(anc)
             if rule.claims_weights:
                 log_w = torch.zeros(pop.count, dtype=torch.float64)
-        finite = r[torch.isfinite(r)]
-        reward_max = float(pop.max(finite)) if finite.numel() else math.nan
+        # Every shard takes part in the max, also one whose rewards are all non-finite.
+        reward_max = float(pop.max(torch.where(torch.isfinite(r), r, -math.inf)))
+        reward_max = reward_max if reward_max > -math.inf else math.nan
 
         if g is not None and rule.claims_weights and not warned:
             warned = _warn_steep_push(g, x, d, t, t_next, cfg)
@@ -71,7 +72,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
                         cfg.max_push if rule.claims_weights else None)
         x = move.x
         rule.moved(move)
-        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, move.tamed))
+        tamed = int(pop.sum(torch.tensor([float(move.tamed)], dtype=torch.float64)))  # over every shard
+        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, tamed))
         if callback is not None:
             callback({"step": k, "steps": steps, "t": t, "x": x, "denoised": d,
                       "ess": step_ess, "resampled": anc is not None, "nfe": loop.nfe})
@@ -89,8 +91,9 @@ def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:
     if isinstance(rule, AdvectiveWeights):
         dr = rule.last_defect
     elif cfg.defect_probe > 0:
-        p = min(cfg.defect_probe, x.shape[0])
-        dr, r, w = eulerian_defect(loop, x[:p], d[:p], r[:p], t, t_next), r[:p], w[:p]
+        p = max(0, min(cfg.defect_probe - pop.start, x.shape[0]))  # this shard's rows among the first probed
+        dr = eulerian_defect(loop, x[:p], d[:p], r[:p], t, t_next) if p else r[:0]
+        r, w = r[:p], w[:p]
     else:
         return math.nan
     ok = torch.isfinite(dr) & torch.isfinite(r)

@@ -28,15 +28,17 @@ def check_particles(x_init: torch.Tensor) -> None:
         raise FMTTInputError("x_init must be a finite floating-point tensor.")
 
 
-def count_valid(r: torch.Tensor, t: float) -> int:
-    """Particles with a finite look-ahead reward; warns about the others, raises if there are none."""
-    valid = int(torch.isfinite(r).sum())
+def count_valid(r: torch.Tensor, t: float, pop=None) -> int:
+    """Particles with a finite look-ahead reward; warns about the others, raises if there are none.
+    With a population, r holds its local rows and the count is the whole population's."""
+    valid = int(torch.isfinite(r).sum()) if pop is None else int(pop.sum(torch.isfinite(r).double()))
+    total = r.numel() if pop is None else pop.size
     if valid == 0:
         raise FMTTNumericalError(
             f"the reward (or its gradient) is non-finite for every particle at t={t:.3f}. Check that the "
             "reward returns finite values for decoded samples, lower reward_scale, or set grad_clip.")
-    if valid < r.numel():
-        warnings.warn(f"FMTT: {r.numel() - valid} of {r.numel()} particles had a non-finite reward or "
+    if valid < total:
+        warnings.warn(f"FMTT: {total - valid} of {total} particles had a non-finite reward or "
                       f"gradient at t={t:.3f}; they get weight zero.", RuntimeWarning, stacklevel=3)
     return valid
 

@@ -205,7 +205,7 @@ class SearchSelection(WeightRule):
     def select(self, k, log_w, r, step_ess, t_next):
         if k not in self.schedule:
             return None
-        return self.pop.select_top(r, min(self.keep, int(torch.isfinite(r).sum())))
+        return self.pop.select_top(r, min(self.keep, int(self.pop.sum(torch.isfinite(r).double()))))
 
 
 class NoWeights(WeightRule):

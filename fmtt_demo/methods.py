@@ -53,6 +53,7 @@ class Setup:
     jumps: int = 1                  # flow-map jumps per look-ahead
     ess_threshold: float = 0.5
     chunk_size: int | None = None
+    sharded: bool = False           # spread each population over the ranks of the default process group
 
     @property
     def denoiser(self):
@@ -85,8 +86,12 @@ class Method:
     options: Callable[[Setup], dict] = field(default=lambda setup: {}, repr=False)
 
     def run(self, setup: Setup, x_init, times, seed, callback=None) -> FMTTResult:
-        return self.sampler(setup.denoiser, x_init, times, reward=setup.reward, config=setup.config(seed, self.mode),
-                            callback=callback, **self.options(setup))
+        sampler = self.sampler
+        if setup.sharded:  # same call, same result; each rank evaluates its shard (fmtt_core.distributed)
+            from fmtt_core.distributed import sharded
+            sampler = sharded(sampler)
+        return sampler(setup.denoiser, x_init, times, reward=setup.reward, config=setup.config(seed, self.mode),
+                       callback=callback, **self.options(setup))
 
 
 METHODS = {m.key: m for m in [
