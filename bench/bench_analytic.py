@@ -27,14 +27,19 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+from fmtt_core.analytic import (
+    GaussianMixture,
+    linear_reward,
+    quadratic_reward,
+    ring_mixture,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,72 +94,63 @@ SETTINGS = {
 
 @dataclass
 class Method:
+    """One fmtt_core sampler plus its method-specific options; all share the core's one signature
+    sampler(denoiser, x_init, times, *, reward, config, **options)."""
+
     name: str
-    run: Callable      # (target, x0, times, setting, seed) -> FMTTResult
+    sampler: Callable
     scored: bool       # its (weighted) population is compared with the tilted law
     weighted: bool     # it carries non-uniform importance weights (ESS is meaningful)
     reward_kind: str   # "mean" (weighted mean reward), "best" (reward of the pick), "population"
+    config: dict = field(default_factory=dict)                # FMTTConfig fields beyond the setting's
+    options: Callable = field(default=lambda target, setting: {})  # e.g. the look-ahead
+    reweigh: bool = False  # weight the final samples by exp(beta r(x1)) (base + importance sampling)
+
+    def run(self, target: Target, x0, times, setting: Setting, seed: int) -> fc.FMTTResult:
+        cfg = fc.FMTTConfig(reward_scale=target.beta, tilt=setting.tilt, eta=setting.eta,
+                            ess_threshold=setting.ess_threshold, seed=seed, **self.config)
+        res = self.sampler(target.mixture.denoiser, x0, times, reward=target.reward, config=cfg,
+                           **self.options(target, setting))
+        if self.reweigh:  # the cheapest exact estimator: base samples weighted by exp(beta r(x1))
+            res.log_weights = fc.normalize_log_weights(target.beta * torch.nan_to_num(res.rewards, nan=-math.inf))
+            res.method = "base+IS"
+        return res
 
 
-def _flow_map(target: Target, setting: Setting) -> fc.FlowMapLookahead:
+def _flow_map(target: Target, setting: Setting) -> dict:
     gm, steps = target.mixture, setting.flow_map_rk4_steps
-    return fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, steps))
-
-
-def _fmtt(lookahead: Callable, mode: str = "exact", weights: str = "auto"):
-    def run(target, x0, times, setting, seed):
-        cfg = fc.FMTTConfig(mode=mode, reward_scale=target.beta, tilt=setting.tilt, eta=setting.eta,
-                            ess_threshold=setting.ess_threshold, weights=weights, seed=seed)
-        return fc.fmtt_sample(target.mixture.denoiser, x0, times, reward=target.reward,
-                              lookahead=lookahead(target, setting), config=cfg)
-    return run
-
-
-def _fk(potential: str):
-    def run(target, x0, times, setting, seed):
-        return fc.fk_steering(target.mixture.denoiser, x0, times, reward=target.reward, potential=potential,
-                              reward_scale=target.beta, eta=setting.eta, seed=seed)
-    return run
-
-
-def _best_of_n(target, x0, times, setting, seed):
-    return fc.best_of_n(target.mixture.denoiser, x0, times, reward=target.reward, eta=setting.eta, seed=seed)
-
-
-def _base_importance(target, x0, times, setting, seed):
-    """Best-of-N's own samples, weighted by exp(beta r(x1)): the cheapest exact estimator."""
-    res = _best_of_n(target, x0, times, setting, seed)
-    res.log_weights = fc.normalize_log_weights(target.beta * torch.nan_to_num(res.rewards, nan=-math.inf))
-    res.method = "base+IS"
-    return res
-
-
-def _guidance(target, x0, times, setting, seed):
-    return fc.guidance_sample(target.mixture.denoiser, x0, times, reward=target.reward,
-                              guidance_scale=target.beta, eta=setting.eta, seed=seed)
+    return {"lookahead": fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, steps))}
 
 
 def _ode(k):
-    return lambda target, setting: fc.ODELookahead(target.mixture.denoiser, k)
+    return lambda target, setting: {"lookahead": fc.ODELookahead(target.mixture.denoiser, k)}
 
 
 def _denoiser(target, setting):
-    return fc.DenoiserLookahead(target.mixture.denoiser)
+    return {"lookahead": fc.DenoiserLookahead(target.mixture.denoiser)}
+
+
+def _fk(potential):
+    return lambda target, setting: {"potential": potential}
 
 
 METHODS = [
-    Method("FMTT flow map", _fmtt(_flow_map), True, True, "mean"),
-    Method("FMTT ODE(2)", _fmtt(_ode(2)), True, True, "mean"),
-    Method("FMTT ODE(4)", _fmtt(_ode(4)), True, True, "mean"),
-    Method("FMTT denoiser, advective w", _fmtt(_denoiser, weights="advective"), True, True, "mean"),
-    Method("FMTT denoiser, eulerian w", _fmtt(_denoiser, weights="eulerian"), True, True, "mean"),
-    Method("FMTT zero-order flow map", _fmtt(_flow_map, mode="zero_order"), True, True, "mean"),
-    Method("FMTT search flow map", _fmtt(_flow_map, mode="search"), False, False, "population"),
-    Method("FK steering diff", _fk("diff"), True, True, "mean"),
-    Method("FK steering max", _fk("max"), True, False, "mean"),
-    Method("guidance (no weights)", _guidance, True, False, "mean"),
-    Method("best-of-N", _best_of_n, False, False, "best"),
-    Method("base + IS weights", _base_importance, True, True, "mean"),
+    Method("FMTT flow map", fc.fmtt_sample, True, True, "mean", options=_flow_map),
+    Method("FMTT flow map, eulerian w", fc.fmtt_sample, True, True, "mean", {"weights": "eulerian"}, _flow_map),
+    Method("FMTT ODE(2)", fc.fmtt_sample, True, True, "mean", options=_ode(2)),
+    Method("FMTT ODE(4)", fc.fmtt_sample, True, True, "mean", options=_ode(4)),
+    Method("FMTT denoiser", fc.fmtt_sample, True, True, "mean", options=_denoiser),
+    Method("FMTT denoiser, advective w", fc.fmtt_sample, True, True, "mean", {"weights": "advective"}, _denoiser),
+    Method("FMTT denoiser, eulerian w", fc.fmtt_sample, True, True, "mean", {"weights": "eulerian"}, _denoiser),
+    Method("FMTT denoiser, twisted w", fc.fmtt_sample, True, True, "mean", {"weights": "twisted"}, _denoiser),
+    Method("FMTT flow map, advective w", fc.fmtt_sample, True, True, "mean", {"weights": "advective"}, _flow_map),
+    Method("FMTT zero-order flow map", fc.fmtt_sample, True, True, "mean", {"mode": "zero_order"}, _flow_map),
+    Method("FMTT search flow map", fc.fmtt_sample, False, False, "population", {"mode": "search"}, _flow_map),
+    Method("FK steering diff", fc.fk_steering, True, True, "mean", options=_fk("diff")),
+    Method("FK steering max", fc.fk_steering, True, True, "mean", options=_fk("max")),
+    Method("guidance (no weights)", fc.guidance_sample, True, False, "mean"),
+    Method("best-of-N", fc.best_of_n, False, False, "best"),
+    Method("base + IS weights", fc.best_of_n, True, True, "mean", reweigh=True),
 ]
 IID = "i.i.d. exact (MC floor)"
 
@@ -185,7 +181,7 @@ class Reference:
     reward_mean: float
 
     @classmethod
-    def of(cls, target: Target, n_samples: int) -> "Reference":
+    def of(cls, target: Target, n_samples: int) -> Reference:
         law = target.tilted
         y = law.sample(n_samples, torch.Generator().manual_seed(12345))
         big = law.sample(200_000, torch.Generator().manual_seed(54321))  # E[r] to ~1e-3
@@ -393,10 +389,10 @@ def plot(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     palette = plt.cm.tab10.colors + ("#555555", "#b8860b", "#8fbc8f")
-    style = {m: dict(color=palette[i % len(palette)], marker="osD^v<>pXh*P"[i % 11],
-                     ls="--" if m.startswith(("FK", "guidance", "best", "base")) else "-")
+    style = {m: {"color": palette[i % len(palette)], "marker": "osD^v<>pXh*P"[i % 11],
+                     "ls": "--" if m.startswith(("FK", "guidance", "best", "base")) else "-"}
              for i, m in enumerate(m for m in methods if m != IID)}
-    style[IID] = dict(color="k", marker="", ls=":", lw=2)
+    style[IID] = {"color": "k", "marker": "", "ls": ":", "lw": 2}
     for i, target in enumerate(targets):
         for j, (key, label) in enumerate(panels):
             ax = axes[i, j]

@@ -63,7 +63,7 @@ def run_accuracy(budgets, seeds, classes, steps=STEPS, methods=BENCH_METHODS, lo
                     result = method.run(setup, make_x_init(n, seed), times, seed)
                     seconds = time.perf_counter() - t0
                     m = evaluate(method, result, models, N_OUT, cls)
-                    passes = network_passes(method, setup, result)
+                    passes = network_passes(result)
                     rows.append({"class": cls, "budget_particles": n_ref, "seed": seed, "method": key,
                                  "particles": n, "passes": passes, "passes_per_sample": passes / N_OUT,
                                  "judge_accuracy": m["judge_accuracy"],

@@ -7,6 +7,7 @@ exactly. The flow map is the exact ODE solved finely (RK4 on a grid crowded near
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ class GaussianMixture:
             return (self.denoiser(y, tau.squeeze(1)) - y) / (1 - tau)
 
         u = [1 - (1 - j / steps) ** 2 for j in range(steps + 1)]
-        for a, b in zip(u[:-1], u[1:]):
+        for a, b in itertools.pairwise(u):
             ta, tb = s + (end - s) * a, s + (end - s) * b
             h, tm = tb - ta, (ta + tb) / 2
             k1 = vel(x, ta)
@@ -94,13 +95,13 @@ class GaussianMixture:
         return x
 
     # --- closed-form tilts ------------------------------------------------------------------------
-    def tilt_linear(self, a: torch.Tensor) -> "GaussianMixture":
+    def tilt_linear(self, a: torch.Tensor) -> GaussianMixture:
         """Law of p(x) exp(a . x): component i moves to mu_i + v_i a, weight * exp(a.mu_i + a.v_i a / 2)."""
         a = torch.as_tensor(a, dtype=torch.float64)
         log_w = torch.log(self.weights) + self.means @ a + 0.5 * (self.variances * a ** 2).sum(1)
         return GaussianMixture(torch.softmax(log_w, 0), self.means + self.variances * a, self.variances)
 
-    def tilt_quadratic(self, center: torch.Tensor, precision: float | torch.Tensor) -> "GaussianMixture":
+    def tilt_quadratic(self, center: torch.Tensor, precision: float | torch.Tensor) -> GaussianMixture:
         """Law of p(x) exp(-precision |x - center|^2 / 2) (precision per dimension allowed)."""
         c = torch.as_tensor(center, dtype=torch.float64).expand(self.dim)
         p = torch.as_tensor(precision, dtype=torch.float64).expand(self.dim)

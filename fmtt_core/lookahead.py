@@ -9,8 +9,8 @@ identity), which is what makes FMTT's weights exact; the denoiser is its 1-step 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint

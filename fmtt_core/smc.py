@@ -13,8 +13,17 @@ SCHEMES = ("systematic", "stratified", "multinomial", "residual")
 
 
 def normalize_log_weights(log_w: torch.Tensor) -> torch.Tensor:
-    """log w_i - logsumexp(log w): normalised log-weights; -inf stays -inf (weight zero)."""
+    """log w_i - logsumexp(log w): normalised log-weights; -inf stays -inf (weight zero).
+
+    NaN or +inf is a bug upstream (an infinite weight has no normalisation): it is refused, never
+    passed on to pick particles.
+    """
     log_w = log_w.double()
+    bad = torch.isnan(log_w) | (log_w == float("inf"))
+    if bad.any():
+        raise FMTTNumericalError(
+            f"{int(bad.sum())} log-weight(s) are NaN or +inf (first at index {int(bad.nonzero()[0])}); "
+            "weights must be finite or -inf (weight zero). Map non-finite rewards to -inf before weighting.")
     if not torch.isfinite(log_w).any():
         raise FMTTNumericalError(
             "all importance weights are zero (every particle's reward or gradient was non-finite or -inf). "
@@ -33,10 +42,15 @@ def _uniform(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _sorted_search(weights: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Ancestor index for each position in [0, 1): inverse of the weights' CDF."""
+    """Ancestor index for each position in [0, 1): inverse of the weights' CDF.
+
+    Positions are scaled by the CDF's own total rather than forcing its last value to 1: forcing it
+    would hand the round-off gap to the last particle even when its weight is zero. The clamp keeps a
+    position that rounds onto the total inside the last particle that has weight.
+    """
     cdf = torch.cumsum(weights, 0)
-    cdf[-1] = 1.0  # guard against round-off leaving the last bin short
-    return torch.searchsorted(cdf, positions, right=True).clamp_(max=weights.numel() - 1)
+    idx = torch.searchsorted(cdf, positions * cdf[-1], right=True)
+    return idx.clamp_(max=int(torch.nonzero(weights > 0).max()))
 
 
 def systematic(weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -4,6 +4,7 @@
     fmtt demo --target-class 7 --particles 128 --steps 60 --seed 1 --out runs/seven
     fmtt demo --reward symmetry             # a reward with no classifier at all: mirror symmetry
     fmtt demo --mode search                 # base sampling against one FMTT mode only
+    torchrun --nproc-per-node 2 -m fmtt_demo.cli demo   # each population sharded over 2 processes, same table
 
 Writes OUT/samples.png, OUT/traces.png, OUT/results.json and OUT/results.md and prints the comparison table.
 Needs the pack's "demo" extra (pip install "comfyui-fmtt[demo]").
@@ -84,7 +85,7 @@ def methods_for(mode: str, methods: str | None) -> list[str]:
 def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: int = 64, samples: int | None = None,
              steps: int = 40, mode: str = "compare", methods: str | None = None, reward_scale: float | None = None,
              eta: float = 1.0, jumps: int = 1, seed: int = 0, weights: Path | None = None,
-             progress: bool = True) -> tuple[list[MethodRun], dict]:
+             progress: bool = True, sharded: bool = False) -> tuple[list[MethodRun], dict]:
     """Run the comparison; returns the runs and the settings (everything results.json records)."""
     keys = methods_for(mode, methods)
     samples = min(DEFAULT_SAMPLES, particles) if samples is None else samples
@@ -93,12 +94,16 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
                          "particles; raise --particles or lower --samples.")
     models = load_digit_models(weights)
     scale = DEFAULT_REWARD_SCALE[reward] if reward_scale is None else reward_scale
-    setup = Setup(models, make_reward(reward, models, target_class), reward_scale=scale, eta=eta, jumps=jumps)
+    setup = Setup(models, make_reward(reward, models, target_class), reward_scale=scale, eta=eta, jumps=jumps,
+                  sharded=sharded)
     times = time_grid(steps)
     settings = {"target_class": target_class if reward == "classifier" else None, "reward": reward,
                 "reward_description": str(setup.reward), "reward_scale": scale, "particles": particles,
                 "samples_handed_on": samples, "steps": steps, "eta": eta, "jumps": jumps, "seed": seed,
                 "methods": keys, "budget_rule": "matched network passes to FMTT exact (flow map) with `particles`"}
+    if sharded:
+        import torch.distributed as dist
+        settings["processes"] = dist.get_world_size()
 
     bar = None
     if progress:
@@ -116,7 +121,7 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
                                 callback=(lambda info: bar.update(1)) if bar is not None else None)
             seconds = time.perf_counter() - start
             metrics = evaluate(method, result, models, samples, settings["target_class"])
-            runs.append(MethodRun(method, n, result, seconds, network_passes(method, setup, result), metrics))
+            runs.append(MethodRun(method, n, result, seconds, network_passes(result), metrics))
     finally:
         if bar is not None:
             bar.close()
@@ -164,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive(int), default=1,
                       help="torch CPU threads (default 1: the networks are tiny, more threads only add overhead)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--dist-timeout", type=_positive(float), default=120.0,
+                      help="under torchrun: seconds a collective waits for the other processes before the run "
+                           "stops with an error (default 120)")
     return parser
 
 
@@ -177,21 +185,34 @@ def main(argv=None) -> int:
                            f"{', '.join(missing)}). Install it with:\n    pip install \"comfyui-fmtt[demo]\"\n"
                            "(from a clone of the repository: pip install -e \".[demo]\")\n")
         torch.set_num_threads(args.threads)
+        # Under torchrun (RANK / WORLD_SIZE set) every population is sharded over the processes.
+        from fmtt_core.distributed import FMTTDistributedError, init_from_env
+        group = init_from_env(timeout_s=args.dist_timeout)
+        rank = group.rank() if group is not None else 0
         try:
             check_out_folder(args.out)
             runs, settings = run_demo(
                 target_class=args.target_class, reward=args.reward, particles=args.particles, samples=args.samples,
                 steps=args.steps, mode=args.mode, methods=args.methods, reward_scale=args.reward_scale, eta=args.eta,
-                jumps=args.jumps, seed=args.seed, weights=args.weights, progress=not args.no_progress)
+                jumps=args.jumps, seed=args.seed, weights=args.weights, progress=not args.no_progress and rank == 0,
+                sharded=group is not None)
         except (ValueError, FileNotFoundError) as e:  # fmtt_core's FMTTInputError is a ValueError
             parser.error(str(e))
-        target = settings["target_class"]
-        print(f"\nFMTT digits demo: reward {settings['reward_description']}, beta {settings['reward_scale']}, "
-              f"{settings['steps']} steps, seed {settings['seed']}; particles matched to FMTT exact's budget "
-              f"with N={settings['particles']}.\n")
-        print(format_table(runs, target, settings["samples_handed_on"]))
-        paths = write_results(runs, settings, args.out)
-        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+        except FMTTDistributedError as e:
+            print(f"fmtt demo: {e}", file=sys.stderr)
+            return 1
+        if rank == 0:  # every rank holds the same results; one prints and writes them
+            target = settings["target_class"]
+            shards = f" sharded over {settings['processes']} processes" if "processes" in settings else ""
+            print(f"\nFMTT digits demo{shards}: reward {settings['reward_description']}, beta "
+                  f"{settings['reward_scale']}, {settings['steps']} steps, seed {settings['seed']}; particles matched "
+                  f"to FMTT exact's budget with N={settings['particles']}.\n")
+            print(format_table(runs, target, settings["samples_handed_on"]))
+            paths = write_results(runs, settings, args.out)
+            print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+        if group is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
     return 0
 
 

@@ -8,8 +8,8 @@ and step that makes
     base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
     denoiser guidance                       3      (denoiser + backward through it)
     FMTT, flow-map look-ahead (J jumps)     1 + 3J (denoiser + J flow-map jumps + backward through them)
-    FMTT, denoiser look-ahead               4      (denoiser + backward + one more look-ahead for its
-                                                    advective weights)
+    FMTT exact, denoiser look-ahead         3      (denoiser + backward; the default twisted weights
+                                                    need no extra look-ahead)
 
 and each method gets the particle count that spends what FMTT-exact with the flow map spends
 (`matched_particles`). The table reports the passes each method actually made, from fmtt_core's counter.
@@ -24,13 +24,22 @@ exact); "fk_max", the running-max potential (one of the FK paper's choices), is 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from fmtt_core import (DenoiserLookahead, FlowMapLookahead, FMTTConfig, FMTTResult, base_sample, best_of_n,
-                       fk_steering, fmtt_sample, guidance_sample)
+from fmtt_core import (
+    DenoiserLookahead,
+    FlowMapLookahead,
+    FMTTConfig,
+    FMTTResult,
+    base_sample,
+    best_of_n,
+    fk_steering,
+    fmtt_sample,
+    guidance_sample,
+)
 
 
 @dataclass
@@ -44,74 +53,59 @@ class Setup:
     jumps: int = 1                  # flow-map jumps per look-ahead
     ess_threshold: float = 0.5
     chunk_size: int | None = None
+    sharded: bool = False           # spread each population over the ranks of the default process group
 
     @property
     def denoiser(self):
         return self.models.denoiser
 
-    def flow_map_lookahead(self):
-        return FlowMapLookahead(self.models.flow_map, jumps=self.jumps)
+    def config(self, seed: int, mode: str = "exact") -> FMTTConfig:
+        return FMTTConfig(mode=mode, reward_scale=self.reward_scale, eta=self.eta, ess_threshold=self.ess_threshold,
+                          chunk_size=self.chunk_size, seed=seed)
+
+
+def _flow_map(setup: Setup) -> dict:
+    return {"lookahead": FlowMapLookahead(setup.models.flow_map, jumps=setup.jumps)}
+
+
+def _denoiser(setup: Setup) -> dict:
+    return {"lookahead": DenoiserLookahead(setup.denoiser)}
 
 
 @dataclass(frozen=True)
 class Method:
+    """One sampler of fmtt_core with its method-specific options; every sampler has the core's one
+    signature sampler(denoiser, x_init, times, *, reward, config, callback, **options)."""
+
     key: str
     label: str
     hands_on: str                               # "weights" | "top" | "iid"
     passes_per_step: Callable[[Setup], int]     # network passes per particle-step (see the module doc)
-    backward_depth: Callable[[Setup], int]      # networks one backward pass goes through
-    run: Callable[..., FMTTResult] = field(repr=False)
+    sampler: Callable[..., FMTTResult] = field(repr=False)
+    mode: str = "exact"                         # FMTTConfig.mode (FMTT only)
+    options: Callable[[Setup], dict] = field(default=lambda setup: {}, repr=False)
 
+    def run(self, setup: Setup, x_init, times, seed, callback=None) -> FMTTResult:
+        sampler = self.sampler
+        if setup.sharded:  # same call, same result; each rank evaluates its shard (fmtt_core.distributed)
+            from fmtt_core.distributed import sharded
+            sampler = sharded(sampler)
+        return sampler(setup.denoiser, x_init, times, reward=setup.reward, config=setup.config(seed, self.mode),
+                       callback=callback, **self.options(setup))
 
-def _fmtt(mode: str, flow_map: bool):
-    def run(setup: Setup, x_init, times, seed, callback=None):
-        lookahead = setup.flow_map_lookahead() if flow_map else DenoiserLookahead(setup.denoiser)
-        config = FMTTConfig(mode=mode, reward_scale=setup.reward_scale, eta=setup.eta,
-                            ess_threshold=setup.ess_threshold, chunk_size=setup.chunk_size, seed=seed)
-        return fmtt_sample(setup.denoiser, x_init, times, reward=setup.reward, lookahead=lookahead,
-                           config=config, callback=callback)
-    return run
-
-
-def _base(setup, x_init, times, seed, callback=None):
-    return base_sample(setup.denoiser, x_init, times, reward=setup.reward, eta=setup.eta, seed=seed,
-                       chunk_size=setup.chunk_size, callback=callback)
-
-
-def _best_of_n(setup, x_init, times, seed, callback=None):
-    return best_of_n(setup.denoiser, x_init, times, reward=setup.reward, eta=setup.eta, seed=seed,
-                     chunk_size=setup.chunk_size, callback=callback)
-
-
-def _guidance(setup, x_init, times, seed, callback=None):
-    return guidance_sample(setup.denoiser, x_init, times, reward=setup.reward, guidance_scale=setup.reward_scale,
-                           eta=setup.eta, seed=seed, chunk_size=setup.chunk_size, callback=callback)
-
-
-def _fk(potential: str):
-    def run(setup, x_init, times, seed, callback=None):
-        return fk_steering(setup.denoiser, x_init, times, reward=setup.reward, reward_scale=setup.reward_scale,
-                           potential=potential, eta=setup.eta, ess_threshold=setup.ess_threshold, seed=seed,
-                           chunk_size=setup.chunk_size, callback=callback)
-    return run
-
-
-_one = lambda s: 1  # noqa: E731
-_zero = lambda s: 0  # noqa: E731
-_jumps = lambda s: s.jumps  # noqa: E731
 
 METHODS = {m.key: m for m in [
-    Method("base", "base sampling", "iid", _one, _zero, _base),
-    Method("best_of_n", "best-of-N", "top", _one, _zero, _best_of_n),
-    Method("guidance", "denoiser guidance", "iid", lambda s: 3, _one, _guidance),
+    Method("base", "base sampling", "iid", lambda s: 1, base_sample),
+    Method("best_of_n", "best-of-N", "top", lambda s: 1, best_of_n),
+    Method("guidance", "denoiser guidance", "iid", lambda s: 3, guidance_sample),
     # "diff" potentials telescope to exp(beta r(x1)): FK then targets the same tilted law as FMTT exact.
-    Method("fk", "FK steering, diff", "weights", _one, _zero, _fk("diff")),
-    Method("fk_max", "FK steering, max", "weights", _one, _zero, _fk("max")),
-    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 3 * s.jumps, _jumps, _fmtt("exact", True)),
-    Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, _jumps, _fmtt("search", True)),
-    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 4, _one, _fmtt("exact", False)),
-    Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, _zero,
-           _fmtt("zero_order", True)),
+    Method("fk", "FK steering, diff", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "diff"}),
+    Method("fk_max", "FK steering, max", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "max"}),
+    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 3 * s.jumps, fmtt_sample, "exact", _flow_map),
+    Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, fmtt_sample, "search", _flow_map),
+    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 3, fmtt_sample, "exact", _denoiser),
+    Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, fmtt_sample, "zero_order",
+           _flow_map),
 ]}
 DEFAULT_METHODS = ("base", "best_of_n", "guidance", "fk", "fmtt_exact", "fmtt_search", "fmtt_denoiser")
 REFERENCE = "fmtt_exact"
@@ -123,7 +117,7 @@ def matched_particles(method: Method, setup: Setup, particles: int, reference: s
     return max(1, round(budget / method.passes_per_step(setup)))
 
 
-def network_passes(method: Method, setup: Setup, result: FMTTResult) -> int:
+def network_passes(result: FMTTResult) -> int:
     """Passes actually made, from fmtt_core's counter: forwards + 2 x model evaluations back-propagated."""
     nfe = result.nfe
     return nfe.denoiser + nfe.lookahead + 2 * nfe.backward_model
@@ -175,7 +169,7 @@ def evaluate(method: Method, result: FMTTResult, models, n_out: int, target_clas
     out = {
         "judge_confidence": float((prob * judge_probs.max(1).values).sum()),
         "judge_histogram": [float((prob * (judge_probs.argmax(1) == c)).sum()) for c in range(10)],
-        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),
+        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),  # noqa: E501
         "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
         "resamples": result.n_resamples,
     }

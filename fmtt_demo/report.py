@@ -19,7 +19,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def format_table(runs: list[MethodRun], target_class: int | None, n_out: int) -> str:
     header = ["method", "particles", f"judge acc ({target_class})" if target_class is not None else "judge acc",
-              "reward clf acc", "judge conf", "mean reward", "final ESS", "resampled", "NFE den/look/bwd/rew", "passes", "wall s"]
+              "reward clf acc", "judge conf", "mean reward", "final ESS", "resampled", "NFE den/look/bwd/rew", "passes", "wall s"]  # noqa: E501
     rows = []
     for run in runs:
         m, nfe = run.metrics, run.result.nfe
@@ -41,8 +41,8 @@ def format_table(runs: list[MethodRun], target_class: int | None, n_out: int) ->
 
 def markdown_table(runs: list[MethodRun], target_class: int | None) -> str:
     acc = f"judge acc (class {target_class})" if target_class is not None else "judge acc"
-    lines = [f"| method | particles | {acc} | reward clf acc | judge conf | mean reward | final ESS | resampled | "
-             "passes | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [(f"| method | particles | {acc} | reward clf acc | judge conf | mean reward | final ESS | resampled | "
+             "passes | wall s |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         m = run.metrics
         lines.append(f"| {run.method.label} | {run.particles} | {_fmt(m.get('judge_accuracy'), '.1%')} | "
@@ -80,15 +80,21 @@ def save_samples_grid(runs: list[MethodRun], path: Path, per_row: int = 16, seed
 
 
 def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
-    """Weighted mean look-ahead reward r(X_{t,1}(x_t)) and ESS / N against t; markers at resampling."""
+    """Weighted mean look-ahead reward r(X_{t,1}(x_t)), ESS / N (markers at resampling) and the Eulerian
+    defect r_{t+h}(x + h b) - r_t(x) (how far each look-ahead is from the base flow map) against t."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # The ESS panel only when a run carries weights (search and best-of-N select instead: nothing to draw).
+    # The ESS panel only when a run carries weights (search and best-of-N select instead: nothing to draw);
+    # the defect panel only when a run measured it.
     weighted = any(run.method.hands_on == "weights" for run in runs)
-    fig, axes = plt.subplots(1, 2 if weighted else 1, figsize=(11 if weighted else 6, 4), squeeze=False)
-    ax_r, ax_e = axes[0, 0], (axes[0, 1] if weighted else None)
+    measured = any(np.isfinite([s.defect for s in run.result.trace]).any() for run in runs)
+    panels = 1 + weighted + measured
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax_r = axes[0, 0]
+    ax_e = axes[0, 1] if weighted else None
+    ax_d = axes[0, panels - 1] if measured else None
     for run in runs:
         trace = run.result.trace
         t = np.array([s.t for s in trace])
@@ -97,16 +103,23 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
             (line,) = ax_r.plot(t, reward, label=run.method.label)
         else:
             continue
-        if run.method.hands_on == "weights":
+        if ax_e is not None and run.method.hands_on == "weights":
             ess = np.array([s.ess for s in trace]) / run.particles
             ax_e.plot(t, ess, color=line.get_color(), label=run.method.label)
             hit = np.array([s.resampled for s in trace])
             ax_e.plot(t[hit], ess[hit], "v", color=line.get_color(), markersize=4)
+        defect = np.array([s.defect for s in trace])
+        if ax_d is not None and np.isfinite(defect).any():
+            ax_d.plot(t, defect, color=line.get_color(), label=run.method.label)
     ax_r.set(xlabel="t (0 noise, 1 data)", ylabel="mean look-ahead reward", title="reward of the predicted sample")
     ax_r.legend(fontsize=7)
-    if weighted:
+    if ax_e is not None:
         ax_e.set(xlabel="t", ylabel="ESS / N", ylim=(0, 1.05), title="effective sample size (v = resampled)")
         ax_e.legend(fontsize=7)
+    if ax_d is not None:
+        ax_d.set(xlabel="t", ylabel="RMS |r_{t+h}(x + h b) - r_t(x)|", yscale="symlog",
+                 title="Eulerian defect (0: look-ahead = base flow map)")
+        ax_d.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -118,7 +131,7 @@ def results_dict(runs: list[MethodRun], settings: dict) -> dict:
         "network_passes": run.passes, "nfe": run.result.nfe.as_dict(), **run.metrics,
         "thermodynamic_length": run.result.thermodynamic_length,
         "trace": [{"t": s.t, "ess": s.ess, "resampled": s.resampled, "reward_mean": s.reward_mean,
-                   "reward_max": s.reward_max} for s in run.result.trace]} for run in runs]}
+                   "reward_max": s.reward_max, "defect": s.defect} for s in run.result.trace]} for run in runs]}
 
 
 def write_results(runs: list[MethodRun], settings: dict, out: Path) -> dict[str, Path]:

@@ -144,11 +144,23 @@ def _nfe_lines(diag: Diagnostics) -> list[str]:
             "NFE per particle: " + ", ".join(f"{k} {v:.1f}" for k, v in total.per_particle(particles).items())]
 
 
+def eulerian_defect_line(run) -> str:
+    """The core's Eulerian-defect diagnostic (StepTrace.defect, FMTTResult.max_defect): how far the look-ahead
+    is from the base flow map along the run, i.e. whether cheap Eulerian weights would hold."""
+    defect = getattr(run, "max_defect", math.nan)
+    if math.isnan(defect):
+        return "    Eulerian defect: not measured (weights 'advective' or defect_probe > 0 measure it)"
+    return (f"    Eulerian defect max {defect:.3g} (reward units per step; 0 = the look-ahead is the base flow map, "
+            "so Eulerian weights would hold)")
+
+
 def summary(diag: Diagnostics) -> str:
     """Plain-text report of the last run: settings, memory plan, rewards, ESS, resampling, where the compute went,
     and the run's warnings."""
     if not diag.runs:
         text = "FMTT: no sampling run recorded yet (connect the sampler's output latent so this runs after it)."
         return "\n".join([text] + [f"WARNING: {w}" for w in diag.warnings])
-    lines = _settings_lines(diag) + [_population_line(b, run) for b, run in enumerate(diag.runs)] + _nfe_lines(diag)
+    populations = [line for b, run in enumerate(diag.runs) for line in (_population_line(b, run),
+                                                                         eulerian_defect_line(run))]
+    lines = _settings_lines(diag) + populations + _nfe_lines(diag)
     return "\n".join(lines + [f"WARNING: {w}" for w in diag.warnings])

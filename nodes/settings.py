@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Callable
+from typing import Any
 
 from comfy_api.latest import io
 
 from ..fmtt_core import MODES, SCHEMES, FMTTConfig, FMTTInputError, LinearTilt, RampTilt
+from ..fmtt_core import WEIGHTS as CORE_WEIGHTS
 from .diagnostics import Diagnostics
 from .lookahead import LookaheadSpec
 from .types import Lookahead, Reward
 
 CORE = FMTTConfig()  # the core's defaults: the widgets of the core's settings start from them
 OUTPUTS = ("best", "top_k", "weighted_resample")
-WEIGHTS = ("auto", "eulerian", "advective")
+WEIGHTS = CORE_WEIGHTS
 
 
 def _same(value):
@@ -107,10 +109,12 @@ SETTINGS: tuple[Setting, ...] = (
                                  "steps."), core="search_steps"),
     Setting(io.Int.Input("search_keep", default=0, min=0, max=4096, advanced=True,
                          tooltip="search mode: particles kept at each selection, at most the particles (0: a "
-                                 "quarter of them)."), core="top_k", to_core=_zero_is_none),
+                                 "quarter of them)."), core="search_keep", to_core=_zero_is_none),
     Setting(io.Combo.Input("weights", options=list(WEIGHTS), default=CORE.weights, advanced=True,
-                           tooltip="Importance-weight formula. auto: eulerian for flow-map / ODE look-aheads, "
-                                   "advective (exact for any look-ahead, one more look-ahead per step) otherwise."),
+                           tooltip="Importance-weight formula. auto = twisted: exact at any step size for any "
+                                   "look-ahead, free, noisier for steep rewards. advective: exact as steps shrink, "
+                                   "one more look-ahead forward per step, low variance with a flow map. eulerian: "
+                                   "free, exact only for a perfect flow map."),
             core="weights"),
     Setting(io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
                              tooltip="Recompute each transformer block (FLUX-family models) in the backward pass "

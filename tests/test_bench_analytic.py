@@ -29,7 +29,7 @@ def tiny_run(bench):
 
 
 def test_every_method_has_a_finite_row_per_target_and_budget(bench, tiny_run):
-    cfg, _, references, rows = tiny_run
+    cfg, _, _references, rows = tiny_run
     expected = {(t.name, m, n) for t in cfg.targets for m in [bench.IID] + [m.name for m in bench.METHODS]
                 for n in cfg.particles}
     by_key = {(r["target"], r["method"], r["N"]): r for r in rows}
@@ -60,7 +60,8 @@ def test_nfe_accounting_follows_the_lookahead(bench, tiny_run):
     steps = cfg.setting.steps
     nfe = {r["method"]: r["nfe_model"][0] for r in rows if r["N"] == cfg.particles[0] and "nfe_model" in r}
     assert nfe["best-of-N"] == nfe["FK steering diff"] == nfe["FMTT denoiser, eulerian w"] == steps
-    assert nfe["FMTT flow map"] == nfe["FMTT zero-order flow map"] == 2 * steps
+    assert nfe["FMTT denoiser"] == nfe["FMTT denoiser, twisted w"] == steps  # the default: no extra call
+    assert nfe["FMTT flow map"] == nfe["FMTT flow map, eulerian w"] == nfe["FMTT zero-order flow map"] == 2 * steps
     assert nfe["FMTT ODE(2)"] == 2 * steps and nfe["FMTT ODE(4)"] == 4 * steps
     # Advective weights re-evaluate the look-ahead after each step except the last (which scores x1).
     assert nfe["FMTT denoiser, advective w"] == 2 * steps - 1

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+from fmtt_core.analytic import (
+    GaussianMixture,
+    linear_reward,
+    quadratic_reward,
+    ring_mixture,
+)
 
 RING = ring_mixture(8, 4.0, 0.5)
 
@@ -56,7 +61,7 @@ def test_clock_conversions_round_trip_and_agree():
 def test_lookaheads_converge_to_exact_flow_map():
     gm, x, t = RING, noise(200, seed=2), torch.full((200,), 0.3, dtype=torch.float64)
     ref = gm.flow_map(x, t, torch.ones(200), 200)
-    err = lambda y: float((y - ref).norm(dim=1).mean())
+    err = lambda y: float((y - ref).norm(dim=1).mean())  # noqa: E731
     e_den = err(fc.DenoiserLookahead(gm.denoiser)(x, t))
     e_euler = [err(fc.ODELookahead(gm.denoiser, k)(x, t)) for k in (2, 8, 32)]
     e_heun = err(fc.ODELookahead(gm.denoiser, 8, "heun")(x, t))
@@ -101,7 +106,7 @@ def run(mode="exact", look=None, seed=0, n=64, steps=10, **kw):
 
 def test_nfe_breakdown_counts_every_call():
     n, steps = 64, 10
-    res = run(n=n, steps=steps, look=fc.ODELookahead(RING.denoiser, 3))
+    res = run(n=n, steps=steps, look=fc.ODELookahead(RING.denoiser, 3), weights="eulerian")
     # base calls: one per step; ODE(3) reuses D so 2 extra calls per step; rewards: one per step + final.
     assert res.nfe.denoiser == n * steps
     assert res.nfe.lookahead == 2 * n * steps
@@ -109,10 +114,13 @@ def test_nfe_breakdown_counts_every_call():
     # gradients: every step except the first (lambda_0 = 0) and the last (the jump onto D).
     assert res.nfe.backward == n * (steps - 2)
     assert res.nfe.backward_model == 3 * res.nfe.backward  # D + 2 ODE calls per backward
-    flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4))
+    flow = run(n=n, steps=steps, look=fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, 4), jumps=4),
+               weights="eulerian")
     assert flow.nfe.backward_model == 4 * flow.nfe.backward  # 4 jumps, D not in the graph
-    adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser))  # advective weights: +1 D a step
+    adv = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser), weights="advective")  # +1 D a step
     assert adv.nfe.lookahead == n * (steps - 1) and adv.nfe.reward == n * (2 * steps + 1)
+    twisted = run(n=n, steps=steps, look=fc.DenoiserLookahead(RING.denoiser), weights="twisted")  # no extra call
+    assert twisted.nfe.lookahead == 0 and twisted.nfe.reward == n * (steps + 1)
     zo = run("zero_order", n=n, steps=steps)
     assert zo.nfe.backward == 0
     assert res.nfe.per_particle(n)["denoiser"] == steps
@@ -157,14 +165,17 @@ def test_non_finite_rewards_get_zero_weight_with_warning_and_all_bad_raises():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="greedy"), "mode must be one of"),
-    (dict(resampling="fancy"), "resampling must be one of"),
-    (dict(ess_threshold=2.0), "ess_threshold"),
-    (dict(reward_scale=-1.0), "reward_scale"),
-    (dict(chunk_size=0), "chunk_size"),
-    (dict(eta=-0.1), "eta"),
-    (dict(weights="magic"), "weights must be"),
-    (dict(mode="search", top_k=1000), "top_k"),
+    ({"mode": "greedy"}, "mode must be one of"),
+    ({"resampling": "fancy"}, "resampling must be one of"),
+    ({"ess_threshold": 2.0}, "ess_threshold"),
+    ({"reward_scale": -1.0}, "reward_scale"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"eta": -0.1}, "eta"),
+    ({"weights": "magic"}, "weights must be"),
+    ({"mode": "search", "search_keep": 1000}, "search_keep"),
+    ({"mode": "zero_order", "weights": "eulerian"}, "applies to mode .exact. only"),
+    ({"sde_step": "rk4"}, "sde_step must be"),
+    ({"max_push": 0.0}, "max_push"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, message):
     with pytest.raises(fc.FMTTInputError, match=message):
@@ -186,22 +197,28 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(fc.FMTTInputError, match="one value per particle"):
         fc.fmtt_sample(RING.denoiser, noise(4), fc.time_grid(4), reward=lambda x: x.sum().reshape(1))
     with pytest.raises(fc.FMTTInputError, match="stochastic"):
-        fc.fk_steering(RING.denoiser, noise(4), fc.time_grid(4), reward=r, eta=0.0)
+        fc.fk_steering(RING.denoiser, noise(4), fc.time_grid(4), reward=r, config=fc.FMTTConfig(eta=0.0))
 
 
 def test_importing_core_pulls_no_framework():
     code = ("import sys, fmtt_core, fmtt_core.analytic; "
-            "bad = [m for m in ('comfy', 'transformers', 'open_clip', 'folder_paths', 'fmtt_rewards') if m in sys.modules]; "
+            "bad = [m for m in ('comfy', 'transformers', 'open_clip', 'folder_paths', 'fmtt_rewards') if m in sys.modules]; "  # noqa: E501
             "print(bad); assert not bad")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_steep_reward_gradient_warns_with_the_fix():
-    steep = lambda x: 1e4 * x[:, 0]  # noqa: E731  a push far beyond the step's noise
-    with pytest.warns(RuntimeWarning, match="more steps"):
+    steep = lambda x: 1e4 * x[:, 0]  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="weights cannot correct"):
         fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
-                       lookahead=fc.ODELookahead(RING.denoiser, 1))
+                       lookahead=fc.ODELookahead(RING.denoiser, 1),
+                       config=fc.FMTTConfig(weights="eulerian", max_push=None))
+    # The default tames the push, with its weight correction, and still says the tilt is extreme.
+    with pytest.warns(RuntimeWarning, match="tamed to 4x with the matching weight correction"):
+        res = fc.fmtt_sample(RING.denoiser, noise(8), fc.time_grid(5), reward=steep,
+                             lookahead=fc.ODELookahead(RING.denoiser, 1))
+    assert sum(s.tamed for s in res.trace) > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run(n=16)  # a gentle reward: no warning

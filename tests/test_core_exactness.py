@@ -11,7 +11,12 @@ import torch
 from scipy import stats
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+from fmtt_core.analytic import (
+    GaussianMixture,
+    linear_reward,
+    quadratic_reward,
+    ring_mixture,
+)
 
 RUNS = 6
 T_CRIT = stats.t.ppf(1 - 0.001 / 2, RUNS - 1)  # two-sided 99.9% per coordinate
@@ -100,23 +105,24 @@ def test_zero_reward_reproduces_base_law_and_zero_order_is_exact():
 @pytest.mark.slow
 def test_flow_map_beats_denoiser_lookahead():
     """The paper's central claim at equal steps and particles (authors' toy setting: ramp tilt, ESS
-    threshold 0.9): the denoiser look-ahead is either biased (Eulerian weights, which assume the
-    flow-map identity) or degenerates more (advective weights, exact but noisier): more resamplings
-    and a longer thermodynamic path. The flow map is accurate with fewer resamplings."""
+    threshold 0.9), with the paper's Eulerian weights for the flow map: the denoiser look-ahead is
+    either biased (Eulerian weights, which assume the flow-map identity) or degenerates more
+    (advective weights, exact but noisier): more resamplings and a longer thermodynamic path. The
+    flow map is accurate with fewer resamplings."""
     gm, reward, target = RING, quadratic_reward(C2, 1.0), RING.tilt_quadratic(C2, 1.0)
-    setting = dict(tilt=fc.RampTilt(0.1), eta=0.1, ess_threshold=0.9, steps=50)
+    setting = {"tilt": fc.RampTilt(0.1), "eta": 0.1, "ess_threshold": 0.9, "steps": 50}
     den = fc.DenoiserLookahead(gm.denoiser)
-    flow_m, _, flow_runs = replicate(fmtt(gm, reward, 1.0, **setting), gm, n=500, runs=4)
+    flow_m, _, flow_runs = replicate(fmtt(gm, reward, 1.0, weights="eulerian", **setting), gm, n=500, runs=4)
     biased_m, _, _ = replicate(fmtt(gm, reward, 1.0, look=den, weights="eulerian", **setting), gm, n=500, runs=4)
     _, _, adv_runs = replicate(fmtt(gm, reward, 1.0, look=den, weights="advective", **setting), gm, n=500, runs=4)
-    err = lambda m: float((m.mean(0) - target.mean()).norm())
+    err = lambda m: float((m.mean(0) - target.mean()).norm())  # noqa: E731
     assert within_ci(flow_m, target.mean())[0]
     assert err(flow_m) < 0.5 * err(biased_m), (err(flow_m), err(biased_m))
     assert not within_ci(biased_m, target.mean())[0], "the Eulerian weights with a denoiser should be biased"
     flow_resamples = sum(r.n_resamples for r in flow_runs)
     adv_resamples = sum(r.n_resamples for r in adv_runs)
     assert flow_resamples < adv_resamples, (flow_resamples, adv_resamples)
-    thermo = lambda runs: sum(r.thermodynamic_length for r in runs) / len(runs)
+    thermo = lambda runs: sum(r.thermodynamic_length for r in runs) / len(runs)  # noqa: E731
     assert thermo(flow_runs) < thermo(adv_runs)
 
 
@@ -124,10 +130,10 @@ def test_flow_map_beats_denoiser_lookahead():
 def test_search_reaches_reward_maximum():
     gm, reward = RING, quadratic_reward(C2, 1.0)
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    kw = dict(reward=reward, lookahead=flow_map(gm))
+    kw = {"reward": reward, "lookahead": flow_map(gm)}
     exact = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(40), **kw, config=fc.FMTTConfig(reward_scale=1.0, seed=1))
     search = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(40), **kw,
-                            config=fc.FMTTConfig(mode="search", reward_scale=1.0, search_steps=3, top_k=16, seed=1))
+                            config=fc.FMTTConfig(mode="search", reward_scale=1.0, search_steps=3, search_keep=16, seed=1))  # noqa: E501
     exact_mean = float((exact.weights * exact.rewards).sum())
     assert float(search.rewards.mean()) >= exact_mean
     # The reward's maximum on the data's support: the best of 200k draws from the base law.
@@ -141,12 +147,14 @@ def test_fk_diff_potential_is_exact_and_guidance_is_not_weighted():
     gm, reward, target = GMM8, linear_reward(A8), GMM8.tilt_linear(A8)
 
     def fk(x0, seed):
-        return fc.fk_steering(gm.denoiser, x0, fc.time_grid(40), reward=reward, potential="diff", seed=seed)
+        return fc.fk_steering(gm.denoiser, x0, fc.time_grid(40), reward=reward, potential="diff",
+                              config=fc.FMTTConfig(seed=seed))
     means, _, _ = replicate(fk, gm, n=300)
     assert within_ci(means, target.mean())[0]
     x0 = torch.randn(300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     base = fc.base_sample(gm.denoiser, x0, fc.time_grid(40), reward=reward)
-    guided = fc.guidance_sample(gm.denoiser, x0, fc.time_grid(40), reward=reward, guidance_scale=1.0)
+    guided = fc.guidance_sample(gm.denoiser, x0, fc.time_grid(40), reward=reward,
+                                config=fc.FMTTConfig(reward_scale=1.0))
     assert guided.rewards.mean() > base.rewards.mean() + 0.5
     bon = fc.best_of_n(gm.denoiser, x0, fc.time_grid(40), reward=reward)
     assert float(bon.rewards[bon.best_index]) == float(base.rewards.max())

@@ -13,7 +13,7 @@ assert abs(WEIGHTS.sum().item() - 1) < 1e-12
 def offspring_counts(scheme, reps=4000, n=8):
     gen = torch.Generator().manual_seed(11)
     log_w = WEIGHTS.log()
-    return torch.stack([torch.bincount(fc.resample_indices(log_w, scheme, gen), minlength=n) for _ in range(reps)]).double()
+    return torch.stack([torch.bincount(fc.resample_indices(log_w, scheme, gen), minlength=n) for _ in range(reps)]).double()  # noqa: E501
 
 
 def test_ess_bounds_and_values():

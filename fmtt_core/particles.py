@@ -1,0 +1,153 @@
+"""Model calls for a particle population: D, the look-ahead reward and its gradient, in chunks.
+
+Shared by FMTT and the baselines so that every method makes the same model calls and is charged
+on the same NFE counter. "reward" here is always the user's reward r (never the score function).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .clock import _bcast
+from .errors import FMTTInputError, FMTTNumericalError
+from .lookahead import Denoiser
+from .nfe import NFE
+
+RewardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_particles(x_init: torch.Tensor) -> None:
+    if not isinstance(x_init, torch.Tensor) or x_init.ndim < 2:
+        raise FMTTInputError("x_init must be a tensor [N, ...] with one row per particle.")
+    if x_init.shape[0] < 1:
+        raise FMTTInputError("particles must be >= 1 (x_init has an empty batch dimension).")
+    if not x_init.is_floating_point() or not torch.isfinite(x_init).all():
+        raise FMTTInputError("x_init must be a finite floating-point tensor.")
+
+
+def count_valid(r: torch.Tensor, t: float, pop=None) -> int:
+    """Particles with a finite look-ahead reward; warns about the others, raises if there are none.
+    With a population, r holds its local rows and the count is the whole population's."""
+    valid = int(torch.isfinite(r).sum()) if pop is None else int(pop.sum(torch.isfinite(r).double()))
+    total = r.numel() if pop is None else pop.size
+    if valid == 0:
+        raise FMTTNumericalError(
+            f"the reward (or its gradient) is non-finite for every particle at t={t:.3f}. Check that the "
+            "reward returns finite values for decoded samples, lower reward_scale, or set grad_clip.")
+    if valid < total:
+        warnings.warn(f"FMTT: {total - valid} of {total} particles had a non-finite reward or "
+                      f"gradient at t={t:.3f}; they get weight zero.", RuntimeWarning, stacklevel=3)
+    return valid
+
+
+class ParticleLoop:
+    """Evaluates D, the look-ahead reward and its gradient for the particles, chunk by chunk."""
+
+    def __init__(self, denoiser: Denoiser, reward: RewardFn | None, decoder=None, lookahead=None,
+                 chunk_size: int | None = None, grad_clip: float | None = None):
+        self.denoiser, self.reward, self.decoder = denoiser, reward, decoder
+        self.lookahead = lookahead
+        self.chunk_size, self.grad_clip = chunk_size, grad_clip
+        self.nfe = NFE()
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.nfe.add("denoiser", x.shape[0])
+        d = self.denoiser(x, t)
+        if d.shape != x.shape:
+            raise FMTTInputError(f"the denoiser returned shape {tuple(d.shape)} for particles {tuple(x.shape)}; "
+                                 "it must return D(x, t) with the same shape as x.")
+        return d
+
+    def reward_of(self, y: torch.Tensor) -> torch.Tensor:
+        """Unscaled reward r(decode(y)) -> [B]."""
+        if self.decoder is not None:
+            self.nfe.add("decoder", y.shape[0])
+            y = self.decoder(y)
+        self.nfe.add("reward", y.shape[0])
+        r = self.reward(y)
+        if r.shape != (y.shape[0],):
+            r = r.reshape(-1)
+            if r.shape != (y.shape[0],):
+                raise FMTTInputError(f"the reward must return one value per particle, shape [{y.shape[0]}], "
+                                     f"got {tuple(r.shape)}.")
+        return r
+
+    def _chunks(self, x: torch.Tensor):
+        return x.split(self.chunk_size or x.shape[0])
+
+    def evaluate(self, x: torch.Tensor, t: float, *, look: bool, grad_scale: float = 0.0):
+        """-> (D [N,...], R [N] look-ahead reward or None, g [N,...] = grad_x (grad_scale * R) or None).
+
+        grad_scale = 0 skips the backward pass. Particles whose reward or gradient is not finite get
+        R = -inf (weight zero) and g = 0.
+        """
+        ds, rs, gs = [], [], []
+        for xc in self._chunks(x):
+            tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
+            if grad_scale == 0.0:
+                with torch.no_grad():
+                    d = self.denoise(xc, tc)
+                    r = self.reward_of(self.lookahead(xc, tc, denoised=d, nfe=self.nfe)) if look else None
+                ds.append(d)
+                rs.append(r)
+                continue
+            with torch.enable_grad():
+                xg = xc.detach().requires_grad_(True)
+                # Keep D's graph only when the look-ahead builds on it (denoiser, base ODE); for a
+                # flow map or companion it would hold a whole model's activations for nothing.
+                with torch.set_grad_enabled(self.lookahead.uses_denoised):
+                    d = self.denoise(xg, tc)
+                lookahead_calls = self.nfe.lookahead
+                r = self.reward_of(self.lookahead(xg, tc, denoised=d, nfe=self.nfe))
+                ok = torch.isfinite(r)
+                # The backward pass goes through the look-ahead's model calls, and through D when reused.
+                traversed = self.nfe.lookahead - lookahead_calls
+                self.nfe.add("backward", xc.shape[0])
+                self.nfe.add("backward_model", traversed + (xc.shape[0] if self.lookahead.uses_denoised else 0))
+                objective = torch.where(ok, r, 0).sum() * grad_scale
+                # A reward that ignores its input (constant) has no graph: its gradient is zero.
+                g = (torch.autograd.grad(objective, xg)[0] if objective.requires_grad
+                     else torch.zeros_like(xg))
+            g = g.detach()
+            ok &= torch.isfinite(g.flatten(1)).all(1)
+            g = torch.where(ok.reshape(-1, *([1] * (g.ndim - 1))), g, 0)
+            ds.append(d.detach())
+            rs.append(torch.where(ok, r.detach(), -math.inf))
+            gs.append(self._clip(g))
+        r = _as_weights_input(torch.cat(rs)) if look else None
+        return torch.cat(ds), r, (torch.cat(gs) if gs else None)
+
+    def _clip(self, g: torch.Tensor) -> torch.Tensor:
+        if self.grad_clip is None:
+            return g
+        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+        return g * _bcast((self.grad_clip / norm).clamp(max=1.0), g)
+
+    def lookahead_reward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """r(X_{t,1}(x)) in chunks, without gradient -> float64 [N] on the CPU (-inf where not finite);
+        at t = 1 the look-ahead is the identity."""
+        out = []
+        with torch.no_grad():
+            for xc in self._chunks(x):
+                if t >= 1:
+                    out.append(self.reward_of(xc))
+                    continue
+                tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
+                out.append(self.reward_of(self.lookahead(xc, tc, nfe=self.nfe)))
+        return _as_weights_input(torch.cat(out))
+
+    def final_rewards(self, x: torch.Tensor) -> torch.Tensor:
+        """r(x1) of the final particles, float64 on the CPU, NaN where not finite (or no reward)."""
+        if self.reward is None:
+            return torch.full((x.shape[0],), math.nan, dtype=torch.float64)
+        with torch.no_grad():
+            r = torch.cat([self.reward_of(xc).double() for xc in self._chunks(x)]).cpu()
+        return torch.where(torch.isfinite(r), r, math.nan)
+
+
+def _as_weights_input(r: torch.Tensor) -> torch.Tensor:
+    """float64 CPU rewards with every non-finite value as -inf (weight zero)."""
+    return torch.nan_to_num(r.detach().to(torch.float64).cpu(), nan=-math.inf, posinf=-math.inf)

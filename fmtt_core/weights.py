@@ -1,0 +1,226 @@
+"""Weight rules: how a sampler turns each step into log-weight increments and when it resamples.
+
+Every rule has the same small interface, called by the particle chain (`chain.run_chain`) once per
+step k at t_k -> t_{k+1}:
+
+    increment(k, r, x, d) -> [N]   log-weight increment after evaluating the look-ahead reward r_k
+    select(k, log_w, r, ess, t_next) -> ancestors or None    resampling / search selection
+    reindex(ancestors)             move the rule's per-particle state with the particles
+    moved(move)                    the SDE move just made (sde.Move: its kernel ratios)
+    final(r1) -> [N]               the increment that closes the path at t = 1 with r(x1)
+
+and two flags: `claims_weights` (its log-weights are importance weights of the tilted law) and
+`prices_push` (it accounts exactly for any tilt push, so taming is exact and big pushes are no
+discretisation error). With lambda_k = tilt_values, beta = reward_scale, r_k = r(X_{t_k,1}(x_k)):
+
+  TwistedWeights    beta (lambda_k r_k - lambda_{k-1} r_{k-1}) + log [base / proposal kernel]: the
+                    discrete-time Feynman-Kac weights of twisted SMC. They telescope to beta r(x1)
+                    times the likelihood ratio of the base chain, so the weighted population targets
+                    (base chain's law) * exp(beta r) for ANY look-ahead and any push. Free.
+  AdvectiveWeights  dA = (d_t + b.grad) r_t dt along the ODE step: exact as h -> 0 for any
+                    look-ahead; one more look-ahead forward per step.
+  EulerianWeights   dA = lambda'_t beta r_t dt: exact as h -> 0 only for a perfect flow map.
+  FKWeights         FK steering's max / add potentials with the final correction of the reference
+                    code (exp(beta r(x1)) / product of the potentials applied), so it targets the
+                    tilted law. (FK's diff potential is TwistedWeights with lambda = 1, no tilt.)
+  SearchSelection   no weights; top-k selection on the look-ahead reward at scheduled steps.
+  NoWeights         base sampling and guidance: no weights, no resampling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .population import Population
+from .sde import base_kernel
+
+
+class WeightRule:
+    claims_weights = True
+    prices_push = False
+
+    def __init__(self, pop: Population, ess_threshold: float = 0.5, scheme: str = "systematic"):
+        self.pop, self.ess_threshold, self.scheme = pop, ess_threshold, scheme
+
+    def increment(self, k: int, r, x, d) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, k: int, log_w, r, step_ess: float, t_next: float):
+        """ESS-triggered resampling (not on the last step: its weights are the final ones)."""
+        if t_next < 1 and step_ess < self.ess_threshold * self.pop.size:
+            return self.pop.ancestors(log_w, self.scheme, k)
+        return None
+
+    def reindex(self, ancestors) -> None:
+        pass
+
+    def moved(self, move) -> None:
+        pass
+
+    def final(self, r1) -> torch.Tensor:
+        return torch.zeros_like(r1)
+
+
+class JarzynskiRule(WeightRule):
+    """Continuous-time (Jarzynski) weights, exact as h -> 0 for the SDE with the full push eps grad r_t.
+    A tamed move (max_push) is turned into a move of that SDE by the kernel ratio untamed / tamed
+    (Move.taming_ratio), added to the next increment: the tamed drift with its matching correction."""
+
+    def __init__(self, pop, **kw):
+        super().__init__(pop, **kw)
+        self.pending = torch.zeros(pop.count, dtype=torch.float64)
+
+    def moved(self, move):
+        self.pending = move.taming_ratio if move.taming_ratio is not None else torch.zeros_like(self.pending)
+
+    def increment(self, k, r, x, d):
+        inc, self.pending = self.jarzynski(k, r, x, d) + self.pending, torch.zeros_like(self.pending)
+        return inc
+
+    def final(self, r1):
+        return self.jarzynski_final(r1) + self.pending
+
+    def jarzynski(self, k, r, x, d):
+        raise NotImplementedError
+
+    def jarzynski_final(self, r1):
+        return torch.zeros_like(r1)
+
+
+def _finite_or_neginf(value, r):
+    """value where r is finite, -inf (weight zero) where it is not (0 * -inf would be NaN)."""
+    return torch.where(torch.isfinite(r), value, -math.inf)
+
+
+class TwistedWeights(WeightRule):
+    prices_push = True
+
+    def __init__(self, pop, lam, beta, **kw):
+        super().__init__(pop, **kw)
+        self.lam, self.beta = lam, beta
+        self.potential = torch.zeros(pop.count, dtype=torch.float64)  # beta lambda_k r_k of each path
+        self.pending = torch.zeros(pop.count, dtype=torch.float64)    # kernel ratio of the last move
+
+    def increment(self, k, r, x, d):
+        new = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+        inc = _finite_or_neginf(new - self.potential + self.pending, r)
+        self.potential, self.pending = new, torch.zeros_like(self.pending)
+        return inc
+
+    def reindex(self, ancestors):
+        self.potential = self.pop.take(self.potential, ancestors)
+
+    def moved(self, move):
+        self.pending = move.log_ratio
+
+    def final(self, r1):
+        return self.beta * r1 - self.potential + self.pending
+
+
+class EulerianWeights(JarzynskiRule):
+    """Trapezoid rule in time: r at t_k closes the previous interval and opens this one; r(x1) closes
+    the last (the look-ahead at t = 1 is the identity)."""
+
+    def __init__(self, pop, lam, beta, **kw):
+        super().__init__(pop, **kw)
+        self.lam, self.beta, self.dlam_prev = lam, beta, 0.0
+
+    def jarzynski(self, k, r, x, d):
+        dlam = float(self.lam[k + 1] - self.lam[k])
+        inc = 0.5 * (self.dlam_prev + dlam) * self.beta * r
+        self.dlam_prev = dlam
+        return inc
+
+    def jarzynski_final(self, r1):
+        return 0.5 * self.dlam_prev * self.beta * r1
+
+
+def eulerian_defect(loop, x, d, r, t: float, t_next: float) -> torch.Tensor:
+    """r(X_{t',1}(x + h b)) - r(X_{t,1}(x)) per particle: zero for a perfect flow map (the Eulerian
+    identity), the error of Eulerian weights over the step otherwise. One look-ahead forward."""
+    x_ode, _ = base_kernel(x, d, t, t_next, 0.0, "euler")
+    return loop.lookahead_reward(x_ode, t_next) - r
+
+
+class AdvectiveWeights(JarzynskiRule):
+    """beta (lambda_{k+1} r_{t'}(x + h b) - lambda_k r_t(x)): the advective derivative along the ODE step."""
+
+    def __init__(self, pop, lam, beta, times, loop, **kw):
+        super().__init__(pop, **kw)
+        self.lam, self.beta, self.times, self.loop = lam, beta, times, loop
+        self.last_defect = None
+
+    def jarzynski(self, k, r, x, d):
+        t, t_next = float(self.times[k]), float(self.times[k + 1])
+        self.last_defect = eulerian_defect(self.loop, x, d, r, t, t_next)
+        r_next = r + self.last_defect
+        return self.beta * (float(self.lam[k + 1]) * r_next - float(self.lam[k]) * r)
+
+
+class FKWeights(WeightRule):
+    """FK steering potentials G_k = exp(beta max_{j<=k} r_j) ("max") or exp(beta sum_{j<=k} r_j) ("add"),
+    applied every step; the last step applies exp(beta r(x1)) / prod_k G_k along each ancestry, as the
+    authors' fkd_class.py does at the terminal sample, so the product over a path is exp(beta r(x1))."""
+
+    def __init__(self, pop, potential, beta, **kw):
+        super().__init__(pop, **kw)
+        self.potential, self.beta = potential, beta
+        self.history = None                                          # running max / sum of r
+        self.applied = torch.zeros(pop.count, dtype=torch.float64)   # sum_k log G_k along each ancestry
+
+    def increment(self, k, r, x, d):
+        r0 = torch.nan_to_num(r, neginf=0.0)
+        if self.history is None:
+            self.history = r0
+        elif self.potential == "max":
+            self.history = torch.maximum(self.history, r0)
+        else:
+            self.history = self.history + r0
+        log_g = self.beta * self.history
+        self.applied = self.applied + log_g
+        return _finite_or_neginf(log_g, r)
+
+    def reindex(self, ancestors):
+        self.history = self.pop.take(self.history, ancestors)
+        self.applied = self.pop.take(self.applied, ancestors)
+
+    def final(self, r1):
+        return self.beta * r1 - self.applied
+
+
+class SearchSelection(WeightRule):
+    """Top-k selection at `schedule` steps; claims no weights. Its increments (beta dlambda r) only
+    feed the thermodynamic-length estimate."""
+
+    claims_weights = False
+
+    def __init__(self, pop, lam, beta, schedule: set[int], keep: int):
+        super().__init__(pop)
+        self.lam, self.beta, self.schedule, self.keep = lam, beta, schedule, keep
+
+    def increment(self, k, r, x, d):
+        return self.beta * float(self.lam[k + 1] - self.lam[k]) * r
+
+    def select(self, k, log_w, r, step_ess, t_next):
+        if k not in self.schedule:
+            return None
+        return self.pop.select_top(r, min(self.keep, int(self.pop.sum(torch.isfinite(r).double()))))
+
+
+class NoWeights(WeightRule):
+    claims_weights = False
+
+    def increment(self, k, r, x, d):
+        return torch.zeros(self.pop.count, dtype=torch.float64)
+
+    def select(self, k, log_w, r, step_ess, t_next):
+        return None
+
+
+def search_schedule(steps: int, selections: int) -> set[int]:
+    """Selection steps spread over the first three quarters of the trajectory, never on the last step
+    (its selection would have no step left to act on); tiny grids get fewer selections."""
+    if steps < 2:
+        return set()
+    return {min(steps - 2, round(0.75 * steps * (j + 1) / (selections + 1))) for j in range(selections)}
