@@ -6,17 +6,16 @@ LoRA loaded correctly: a wrong LoRA gives noise or a blur in 4 steps, where the 
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
+import torch
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
 from .autograd import normal_tensor
 from .clocks import clock_of, core_denoiser, guided_parts
-from .decoding import vae_decoder
 from .comfy_sampler import STREAM_NOISE, _max_denoise, particle_seed
+from .decoding import vae_decoder
 from .lookahead import LookaheadSpec
 
 

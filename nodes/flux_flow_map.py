@@ -22,13 +22,12 @@ import contextvars
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-
 import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.utils
+import torch
+import torch.nn.functional as F
 from comfy.ldm.flux.layers import timestep_embedding
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError

@@ -5,9 +5,8 @@ built outside inference mode so their tensors can take part in the sampler's bac
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
+import torch
 from comfy_api.latest import io
 
 from .. import rewards as R

@@ -2,18 +2,17 @@
 the FMTT settings' widgets come from the table in settings.py."""
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import folder_paths
 import latent_preview
+import torch
 from comfy_api.latest import io, ui
 
-from . import diagnostics as diag
 from ..fmtt_core.flow_maps import load_flow_map
+from . import diagnostics as diag
 from .comfy_sampler import ksampler
 from .folders import FLOW_MAPS, file_path
 from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead

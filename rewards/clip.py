@@ -18,8 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward
-from .local_files import (PathLike, RewardFilesError, RewardWeightsError, check_folder_weights, hub_offline,
-                          load_into, load_state_dict, loading_errors, read_json, require_file, require_folder)
+from .local_files import (
+    PathLike,
+    RewardFilesError,
+    RewardWeightsError,
+    check_folder_weights,
+    hub_offline,
+    load_into,
+    load_state_dict,
+    loading_errors,
+    read_json,
+    require_file,
+    require_folder,
+)
 from .preprocess import CLIP_MEAN, CLIP_STD, ClipTransform
 
 

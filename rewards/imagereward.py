@@ -18,8 +18,16 @@ import torch
 from .aesthetic import AestheticMLP
 from .base import Reward
 from .clip import check_prompt
-from .local_files import (PathLike, RewardWeightsError, hub_offline, load_into, load_state_dict, loading_errors,
-                          require_file, require_folder)
+from .local_files import (
+    PathLike,
+    RewardWeightsError,
+    hub_offline,
+    load_into,
+    load_state_dict,
+    loading_errors,
+    require_file,
+    require_folder,
+)
 from .preprocess import ClipTransform
 
 # Normalisation of the raw head output, from ImageReward.py (v1.0).
@@ -67,7 +75,8 @@ def split_checkpoint(state: dict[str, torch.Tensor], what: str):
         raise RewardWeightsError(f"{what}: this is not an ImageReward checkpoint (no {', '.join(absent)} entries). "
                                  "Expected ImageReward.pt from THUDM/ImageReward.")
     if ignored:
-        warnings.warn(f"{what}: ignoring {len(ignored)} checkpoint entries ImageReward does not use: {ignored[:5]}")
+        warnings.warn(f"{what}: ignoring {len(ignored)} checkpoint entries ImageReward does not use: {ignored[:5]}",
+                      stacklevel=2)
     vision = {_rename_vision(k): v for k, v in parts["blip.visual_encoder."].items()}
     return vision, parts["blip.text_encoder."], parts["mlp."]
 

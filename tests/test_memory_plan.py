@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fmtt_core import FMTTConfig, fmtt_sample
-from fmtt_core.memory import MiB, FMTTMemoryError, plan_chunks
+from fmtt_core.memory import FMTTMemoryError, MiB, plan_chunks
 
 PASS, STATE = 100 * MiB, 1 * MiB
 

@@ -8,10 +8,9 @@
 import json
 import sys
 
-import torch
-
 import comfy.sample
 import comfy.samplers
+import torch
 from comfy_api.latest import io, ui
 
 Lookahead = io.Custom("FMTT_LOOKAHEAD")

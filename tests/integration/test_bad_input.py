@@ -239,7 +239,7 @@ class Frames:
         while time.time() < deadline:
             try:
                 b0, b1 = self._exact(2)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             n = b1 & 0x7F
             n = struct.unpack(">H", self._exact(2))[0] if n == 126 else struct.unpack(">Q", self._exact(8))[0] \
