@@ -145,6 +145,9 @@ class Sampling:
                 "Lower reward_scale or eta, use more steps, or set grad_clip.")
 
 
+MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
+
+
 def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disable=None):
     started = time.perf_counter()
     extra_args = dict(extra_args or {})
@@ -159,6 +162,13 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     plan = memory_guard.plan(settings, base_model, float(getattr(guider, "cfg", 1.0)), settings.vae, spec, x)
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))
+    options = extra_args.get("model_options", {})
+    if any(key in options for key in MULTIGPU_KEYS):
+        # ComfyUI's MultiGPU path splits conds over devices under torch.no_grad(): the reward gradient would
+        # silently vanish. Run the population on the main device instead, and say so.
+        extra_args["model_options"] = {k: v for k, v in options.items() if k not in MULTIGPU_KEYS}
+        diag.warn("MultiGPU CFG Split is not used by FMTT yet: every particle runs on the main device "
+                  "(results are the same as without it; see the README's distributed section).")
     steps = len(sigmas) - 1
     pbar = None if callback is not None else comfy.utils.ProgressBar(steps * x.shape[0])
 
