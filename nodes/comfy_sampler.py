@@ -29,7 +29,7 @@ from . import memory_guard
 from .autograd import differentiable, normal_tensor
 from .clocks import clock_of, core_denoiser, family_of, guided_parts
 from .decoding import vae_decoder
-from .lookahead import BaseModelLookahead, describe
+from .lookahead_specs import BaseModelLookahead, describe
 
 STREAM_NOISE, STREAM_SAMPLER, STREAM_PICK = 0, 1, 2
 # A final latent this many times farther from 0 than the starting noise's largest value is outside anything the

@@ -16,7 +16,7 @@ from .autograd import normal_tensor
 from .clocks import clock_of, core_denoiser, guided_parts
 from .comfy_sampler import STREAM_NOISE, _max_denoise, particle_seed
 from .decoding import vae_decoder
-from .lookahead import LookaheadSpec
+from .lookahead_specs import LookaheadSpec
 
 
 def check_spec(spec) -> None:

@@ -32,7 +32,7 @@ from comfy.ldm.flux.layers import timestep_embedding
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
 from ..fmtt_core.flow_maps import TwoTimeLoRA, average_embeddings, inspect_two_time_lora, jump_from_denoiser
-from .lookahead import _Plain
+from .lookahead_specs import _Plain
 
 EMBEDDERS = {"timestep_embedder": "time_in", "guidance_embedder": "guidance_in", "text_embedder": "vector_in"}
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmtt_flux_flow_map", default=None)

@@ -15,7 +15,7 @@ from ..fmtt_core.flow_maps import load_flow_map
 from . import diagnostics as diag
 from .comfy_sampler import ksampler
 from .folders import FLOW_MAPS, file_path
-from .lookahead import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
+from .lookahead_specs import BaseModelLookahead, CompanionModelLookahead, FlowMapFileLookahead
 from .settings import fmtt_inputs, settings_from
 from .types import CATEGORY, Lookahead, SamplerDiagnostics
 

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..fmtt_core import MODES, SCHEMES, FMTTConfig, FMTTInputError, LinearTilt, RampTilt
 from ..fmtt_core import WEIGHTS as CORE_WEIGHTS
 from .diagnostics import Diagnostics
-from .lookahead import LookaheadSpec
+from .lookahead_specs import LookaheadSpec
 from .types import Lookahead, Reward
 
 CORE = FMTTConfig()  # the core's defaults: the widgets of the core's settings start from them
