@@ -1,10 +1,7 @@
 """fmtt_core.distributed on a real gloo process group (2 and 3 processes on this CPU): the sharded
 collectives reproduce one process's normalisation, ESS, ancestors and resampled particles exactly,
 and a rank that dies, hangs or disagrees ends every rank with a clear error in bounded time."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +9,8 @@ import torch
 import fmtt_core.distributed as fd
 from fmtt_core import smc
 from fmtt_core.errors import FMTTInputError
-
-
-def _load(name, file):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dist_tools = _load("fmtt_dist_tools", "dist_tools.py")
-worker = _load("fmtt_dist_worker", "dist_worker.py")
+from fmtt_testing import dist_tools
+from fmtt_testing import dist_worker as worker
 
 
 def test_shards_cover_every_slot_once_and_uneven():

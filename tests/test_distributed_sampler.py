@@ -2,24 +2,12 @@
 weights, rewards and resampling events of the single-process run with the same seed: uneven
 shards, every resampling scheme, resampling that moves particles across ranks, chunked model
 calls, search and zero-order modes, particles with non-finite rewards, the Eulerian-defect probe."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def _load(name, file):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file))
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dist_tools = _load("fmtt_dist_tools", "dist_tools.py")
-worker = _load("fmtt_dist_worker", "dist_worker.py")
-
+from fmtt_testing import dist_tools
+from fmtt_testing import dist_worker as worker
 
 
 def same(a, b) -> bool:

@@ -6,4 +6,6 @@
   here, so the integration suite's models are exactly the ones the reward tests check.
 - `comfy_prompts`: API-format prompts on the integration suite's tiny models, and reading their results.
 - `flux_flow_map_reference`: the diffusers reference of the FLUX flow-map LoRA (unit and integration tests).
+- `dist_tools`, `dist_worker`: a real gloo process group of N local processes for the distributed tests.
+- `comfy_pack`: inside the test ComfyUI server, the pack's modules as ComfyUI loaded them (`pack_module`).
 """

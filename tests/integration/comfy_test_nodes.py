@@ -10,7 +10,6 @@ fmtt_test_nodes/__init__.py. Never shipped in the pack.
 """
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import comfy.model_management
@@ -19,15 +18,10 @@ import comfy.samplers
 import torch
 from comfy_api.latest import ComfyExtension, io, ui
 
+from fmtt_testing.comfy_pack import pack_module
+
 Reward = io.Custom("FMTT_REWARD")
 
-
-def pack_module(name):
-    """A module of the FMTT pack as ComfyUI loaded it (its name is derived from the pack's path)."""
-    for key, module in sys.modules.items():
-        if key.endswith("comfyui-fmtt." + name):
-            return module
-    raise RuntimeError(f"FMTT pack module {name} is not loaded")
 
 
 class TestConditioning(io.ComfyNode):

@@ -110,7 +110,8 @@ def comfy(tmp_path_factory):
                    capture_output=True, timeout=300, env=env)
     port = _port()
     log = base / "comfyui.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    # The test-only nodes import fmtt_testing (tests/ on PYTHONPATH) in the server's python too.
+    env = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "FMTT_MEMORY_BUDGET_MB": str(MEMORY_BUDGET_MB)}
     with open(log, "w") as out:
         proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

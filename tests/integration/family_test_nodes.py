@@ -5,21 +5,16 @@
                                 differences, with and without block recomputation, counting block runs
 """
 import json
-import sys
 
 import comfy.sample
 import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
+from fmtt_testing.comfy_pack import pack_module
+
 Reward = io.Custom("FMTT_REWARD")
 
-
-def pack_module(name):
-    for key, module in sys.modules.items():
-        if key.endswith("comfyui-fmtt." + name):
-            return module
-    raise RuntimeError(f"FMTT pack module {name} is not loaded")
 
 
 class TestSDConditioning(io.ComfyNode):

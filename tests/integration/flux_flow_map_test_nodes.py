@@ -6,21 +6,16 @@
                           base model is unchanged outside the look-ahead's calls.
 """
 import json
-import sys
 
 import comfy.sample
 import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
+from fmtt_testing.comfy_pack import pack_module
+
 Lookahead = io.Custom("FMTT_LOOKAHEAD")
 
-
-def pack_module(name):
-    for key, module in sys.modules.items():
-        if key.endswith("comfyui-fmtt." + name):
-            return module
-    raise RuntimeError(f"FMTT pack module {name} is not loaded")
 
 
 def _relative(got, want):

@@ -1,4 +1,4 @@
-"""One rank of a test process group (started by tests/dist_tools.launch): `dist_worker.py SCENARIO OUT ARGS`.
+"""One rank of a test process group (started by fmtt_testing.dist_tools.launch): `dist_worker.py SCENARIO OUT ARGS`.
 
 Each scenario computes on its shard and saves a dict of tensors to OUT/rank{r}.pt; the test compares
 them with what one process computes. An error is saved as text to OUT/rank{r}.err (exit code 3).

@@ -1,6 +1,6 @@
 """Launch a real gloo process group on this machine: one Python process per rank, as torchrun would.
 
-`launch(scenario, world, tmp_path)` runs `tests/dist_worker.py SCENARIO` in `world` processes that
+`launch(scenario, world, tmp_path)` runs `tests/fmtt_testing/dist_worker.py SCENARIO` in `world` processes that
 rendezvous over TCP on localhost; each rank saves what it computed (torch.save, read back with
 weights_only=True) or the text of the error it ended with. The launcher kills only the processes it
 started, and only when they outlive `timeout`.
