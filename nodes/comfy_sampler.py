@@ -55,6 +55,31 @@ def _max_denoise(base_model, sigma0: float) -> bool:
     return math.isclose(max_sigma, sigma0, rel_tol=1e-5) or sigma0 > max_sigma
 
 
+def latent_model_fn(model, extra_args: dict, b: int):
+    """ComfyUI's model call restricted to latent b of the batch: its inpainting noise, latent and mask broadcast
+    over the particles. `model` is the KSamplerX0Inpaint a SAMPLER function receives."""
+    view = comfy.samplers.KSamplerX0Inpaint(model.inner_model, model.sigmas)
+    pick = lambda t: None if t is None else normal_tensor(t[b % t.shape[0]:b % t.shape[0] + 1])  # noqa: E731
+    view.latent_image, view.noise = pick(model.latent_image), pick(getattr(model, "noise", None))
+    mask = pick(extra_args.get("denoise_mask"))
+    options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
+    return lambda xc, sigma: view(xc, sigma, denoise_mask=mask, model_options=options, seed=seed)
+
+
+def initial_particles(model, x: torch.Tensor, b: int, n: int, seed: int, base_model, sigma0: float) -> torch.Tensor:
+    """n starting particles [n, ...] for latent b at sigma0, in ComfyUI's x space: ComfyUI's own noised latent
+    first (so one particle is exactly ComfyUI's run), then noise seeded per particle from the noise seed."""
+    x = normal_tensor(x)
+    latent = model.latent_image[b:b + 1] if model.latent_image is not None else torch.zeros_like(x[:1])
+    rows = [x[b:b + 1]]
+    for p in range(1, n):
+        g = torch.Generator().manual_seed(particle_seed(seed, b, STREAM_NOISE, p))
+        noise = torch.randn(x.shape[1:], generator=g, dtype=torch.float32).unsqueeze(0).to(x.device, x.dtype)
+        rows.append(base_model.model_sampling.noise_scaling(torch.tensor(sigma0).to(x.device), noise,
+                                                            latent.to(x.device), _max_denoise(base_model, sigma0)))
+    return torch.cat(rows)
+
+
 @dataclass
 class Sampling:
     """One call of the SAMPLER: what every population of the batch shares."""
@@ -85,9 +110,12 @@ class Sampling:
 
     def population(self, b: int, companion) -> torch.Tensor:
         s, diag = self.settings, self.settings.diagnostics
-        denoiser = core_denoiser(self._model_fn(b), self.clock)
+        denoiser = core_denoiser(latent_model_fn(self.model, self.extra_args, b), self.clock)
         with torch.inference_mode(False):
-            x_init = self.clock.to_linear(self._initial_particles(b), self.sigmas[0].to(self.x.device))
+            x_init = self.clock.to_linear(
+                initial_particles(self.model, self.x, b, self.settings.particles, self.seed, self.base_model,
+                                  float(self.sigmas[0])),
+                self.sigmas[0].to(self.x.device))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = fmtt_sample(denoiser, x_init, self.times, reward=s.reward,
@@ -108,28 +136,6 @@ class Sampling:
         picked = result.pick({"weighted_resample": "resample"}.get(s.output, s.output), k=k,
                              seed=particle_seed(self.seed, b, STREAM_PICK))
         return picked.detach()
-
-    def _model_fn(self, b: int):
-        """ComfyUI's model call restricted to latent b: its inpainting noise, latent and mask broadcast over the
-        particles."""
-        view = comfy.samplers.KSamplerX0Inpaint(self.model.inner_model, self.model.sigmas)
-        pick = lambda t: None if t is None else normal_tensor(t[b % t.shape[0]:b % t.shape[0] + 1])  # noqa: E731
-        view.latent_image, view.noise = pick(self.model.latent_image), pick(getattr(self.model, "noise", None))
-        mask = pick(self.extra_args.get("denoise_mask"))
-        options, seed = self.extra_args.get("model_options", {}), self.extra_args.get("seed")
-        return lambda xc, sigma: view(xc, sigma, denoise_mask=mask, model_options=options, seed=seed)
-
-    def _initial_particles(self, b: int) -> torch.Tensor:
-        """Particles [n, ...] for latent b at sigma0, in ComfyUI's x space."""
-        x, sigma0, base = normal_tensor(self.x), float(self.sigmas[0]), self.base_model
-        latent = self.model.latent_image[b:b + 1] if self.model.latent_image is not None else torch.zeros_like(x[:1])
-        rows = [x[b:b + 1]]
-        for p in range(1, self.settings.particles):
-            g = torch.Generator().manual_seed(particle_seed(self.seed, b, STREAM_NOISE, p))
-            noise = torch.randn(x.shape[1:], generator=g, dtype=torch.float32).unsqueeze(0).to(x.device, x.dtype)
-            rows.append(base.model_sampling.noise_scaling(torch.tensor(sigma0).to(x.device), noise,
-                                                          latent.to(x.device), _max_denoise(base, sigma0)))
-        return torch.cat(rows)
 
     def _check_range(self, b: int, samples: torch.Tensor, x_init: torch.Tensor) -> None:
         """Flag final particles that are not finite or far outside the range of anything the model makes."""

@@ -12,9 +12,8 @@ import comfy.utils
 import torch
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
-from .autograd import normal_tensor
 from .clocks import clock_of, core_denoiser, guided_parts
-from .comfy_sampler import STREAM_NOISE, _max_denoise, particle_seed
+from .comfy_sampler import initial_particles, latent_model_fn
 from .decoding import vae_decoder
 from .lookahead_specs import LookaheadSpec
 
@@ -24,28 +23,6 @@ def check_spec(spec) -> None:
         raise FMTTInputError("FMTT Flow-Map Sampler: connect a flow-map look-ahead (FMTT Look-ahead (FLUX flow-map "
                              "LoRA) or FMTT Look-ahead (flow map file)); base-model and companion look-aheads are "
                              "not flow maps.")
-
-
-def _model_fn(model, extra_args, b: int):
-    """ComfyUI's model call restricted to latent b (its inpainting latent, noise and mask), as the FMTT sampler's."""
-    view = comfy.samplers.KSamplerX0Inpaint(model.inner_model, model.sigmas)
-    pick = lambda t: None if t is None else normal_tensor(t[b % t.shape[0]:b % t.shape[0] + 1])  # noqa: E731
-    view.latent_image, view.noise = pick(model.latent_image), pick(getattr(model, "noise", None))
-    mask = pick(extra_args.get("denoise_mask"))
-    options, seed = extra_args.get("model_options", {}), extra_args.get("seed")
-    return lambda xc, sigma: view(xc, sigma, denoise_mask=mask, model_options=options, seed=seed)
-
-
-def _candidates(model, x, b: int, n: int, seed: int, sigma0: float, base_model) -> torch.Tensor:
-    """n starting points for latent b: ComfyUI's own noised latent, then the FMTT sampler's seeded particles."""
-    latent = model.latent_image[b:b + 1] if model.latent_image is not None else torch.zeros_like(x[:1])
-    rows = [x[b:b + 1]]
-    for p in range(1, n):
-        g = torch.Generator().manual_seed(particle_seed(seed, b, STREAM_NOISE, p))
-        noise = torch.randn(x.shape[1:], generator=g, dtype=torch.float32).unsqueeze(0).to(x.device, x.dtype)
-        rows.append(base_model.model_sampling.noise_scaling(torch.tensor(sigma0).to(x.device), noise,
-                                                            latent.to(x.device), _max_denoise(base_model, sigma0)))
-    return torch.cat(rows)
 
 
 def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -65,10 +42,10 @@ def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=
     def body(companion=None, companion_modules=()):
         outputs = []
         for b in range(x.shape[0]):
-            look = spec.build(core_denoiser(_model_fn(model, extra_args, b), clock), companion)
+            look = spec.build(core_denoiser(latent_model_fn(model, extra_args, b), clock), companion)
             if not isinstance(look, FlowMapLookahead):
                 raise FMTTInputError("FMTT Flow-Map Sampler: the look-ahead is not a flow map.")
-            z = _candidates(model, x, b, candidates, seed, float(sigmas[0]), base_model)
+            z = initial_particles(model, x, b, candidates, seed, base_model, float(sigmas[0]))
             for k in range(steps):
                 z_next = look.flow_map(z, torch.tensor(times[k]), torch.tensor(times[k + 1]))
                 if callback is not None:

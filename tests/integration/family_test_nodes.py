@@ -16,7 +16,6 @@ from fmtt_testing.comfy_pack import pack_module
 Reward = io.Custom("FMTT_REWARD")
 
 
-
 class TestSDConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
