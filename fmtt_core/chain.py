@@ -4,7 +4,7 @@
         D, r_k, g = model calls at x_k (g = grad of tilt_scale_k * r_k, when tilted)
         log_w += rule.increment(...)          (when the rule claims weights)
         resample / select by the rule         (ancestors from the population)
-        x_{k+1} = SDE step (tilted by g); rule.moved(kernel ratio)
+        x_{k+1} = SDE step (tilted by g; "2m" also reads D_{k-1}); rule.moved(kernel ratio)
     log_w += rule.final(r(x1))
 
 What differs between FMTT and the baselines is only the rule (weights.py), the look-ahead and the
@@ -21,7 +21,7 @@ from .config import FMTTConfig
 from .particles import ParticleLoop, count_valid
 from .population import Population
 from .result import FMTTResult, StepTrace
-from .sde import base_kernel, push_ratio, sde_step
+from .sde import MULTISTEP, base_kernel, push_ratio, sde_step
 from .weights import AdvectiveWeights, WeightRule, eulerian_defect
 
 STEEP_PUSH = 40.0  # a heuristic: passing analytic runs reach ~25x; runs spoilt by one jump ~45x (bench)
@@ -35,6 +35,7 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
     log_w = torch.zeros(pop.count, dtype=torch.float64)
     trace, thermo, warned = [], 0.0, False
     steps = len(times) - 1
+    prev = None  # (t_{k-1}, D_{k-1} per particle) for a multistep SDE step; it moves with its particle
     for k in range(steps):
         t, t_next = float(times[k]), float(times[k + 1])
         scale = float(tilt_scale[k]) if tilt_scale is not None and t_next < 1 and cfg.eta > 0 else 0.0
@@ -59,6 +60,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         anc = rule.select(k, log_w, r, step_ess, t_next)
         if anc is not None:
             x, d, g = pop.take(x, anc), pop.take(d, anc), pop.take(g, anc)
+            if prev is not None:
+                prev = (prev[0], pop.take(prev[1], anc))
             rule.reindex(anc)
             if rule.claims_weights:
                 log_w = torch.zeros(pop.count, dtype=torch.float64)
@@ -69,8 +72,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         if g is not None and rule.claims_weights and not warned:
             warned = _warn_steep_push(g, x, d, t, t_next, cfg)
         move = sde_step(x, d, t, t_next, cfg.eta, pop.noise(x, k), g, cfg.sde_step,
-                        cfg.max_push if rule.claims_weights else None)
-        x = move.x
+                        cfg.max_push if rule.claims_weights else None, prev)
+        x, prev = move.x, ((t, d) if cfg.sde_step in MULTISTEP else None)
         rule.moved(move)
         tamed = int(pop.sum(torch.tensor([float(move.tamed)], dtype=torch.float64)))  # over every shard
         trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, tamed))

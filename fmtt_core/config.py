@@ -11,7 +11,7 @@ from .smc import SCHEMES
 
 MODES = ("exact", "search", "zero_order")
 WEIGHTS = ("auto", "twisted", "advective", "eulerian")
-SDE_STEPS = ("exponential", "euler")
+SDE_STEPS = ("exponential", "euler", "2m")
 
 
 @dataclass
@@ -24,9 +24,11 @@ class FMTTConfig:
     reward_scale: beta, the tilt's inverse temperature (the guidance scale for guidance_sample).
     tilt: lambda schedule (LinearTilt, RampTilt(t_ramp)).
     eta: stochasticity, eps_t = eta * (1 - t); 0 is the ODE (no gradient drift then).
-    sde_step: "euler" (Euler-Maruyama) or "exponential" (integrates the SDE's linear part exactly with
-          D frozen over the step: exact for a point-mass data law, the DDIM / ancestral family; see
-          bench/bench_steps.py for when it helps).
+    sde_step: "euler" (Euler-Maruyama), "exponential" (integrates the SDE's linear part exactly with
+          D frozen over the step: exact for a point-mass data law, the DDIM / ancestral family) or
+          "2m" (the exponential step with D linear in t through the last two model calls: second-order
+          multistep, DPM-Solver++(2M)-like, no extra model call; weights stay exact). See sde.py and
+          bench/bench_steps.py for when each helps.
     ess_threshold: resample when ESS < ess_threshold * N (0: never, 1: every step).
     resampling: systematic (default, lowest variance), stratified, multinomial, residual.
     chunk_size: particles per forward/backward pass (None: all at once); bounds memory.
