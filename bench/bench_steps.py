@@ -1,13 +1,14 @@
-"""Error and ESS versus steps: the SDE step (Euler-Maruyama vs exponential) and the weight rules.
+"""Error and ESS versus steps: the SDE steps (Euler-Maruyama, exponential, 2m) and the weight rules.
 
-Part 1, the base chain: untilted sampling of the analytic targets (fmtt_core.analytic) with
-Euler-Maruyama and with the exponential step, against the exact data law. Weights cannot remove this
-error: every exact weighting targets the base chain's law times exp(beta r).
-Part 2, FMTT exact mode with each weight rule (twisted = the default, advective, eulerian) and
-look-ahead (exact flow map by RK4, the denoiser), on the ring with the quadratic reward: error of the
-weighted mean against the exact tilted law, final ESS / N and resamplings.
+Part 1, the base chain: untilted sampling of the analytic targets (fmtt_core.analytic) with each
+SDE step, against the exact data law; then the steps each needs for a given error. Weights cannot
+remove this error: every exact weighting targets the base chain's law times exp(beta r).
+Part 2, FMTT exact mode on the ring with the quadratic reward, error of the weighted mean against the
+exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side under the default
+(twisted) weights, (b) the weight rules (twisted, advective, eulerian) with the Euler step; look-aheads:
+the exact flow map (RK4 on the exact denoiser) and the denoiser.
 
-    python bench/bench_steps.py            # ~8 min on one core: prints and writes bench/results/steps.md
+    python bench/bench_steps.py            # ~6 min on one core: prints and writes bench/results/steps.md
     python bench/bench_steps.py --quick    # smoke run, prints only
 
 Errors: |mean - exact| / std (max over dimensions) and |variance / exact - 1| (max), mean over seeds.
@@ -29,7 +30,11 @@ GMM8 = GaussianMixture(
     torch.tensor([0.3, 0.3, 0.2, 0.2]),
     2 * torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
     0.2 + 0.5 * torch.rand(4, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+GAUSS = GaussianMixture(torch.ones(1), torch.tensor([[1.0, -0.5]]), torch.tensor([[0.3, 2.0]]))
+TARGETS = {"gaussian 2-D": GAUSS, "ring 2-D": RING, "gmm 8-D": GMM8}
 C2 = torch.tensor([4.0, 0.0], dtype=torch.float64)
+STEPS = ("euler", "exponential", "2m")
+LEVELS = (0.1, 0.05, 0.025)
 
 
 def errors(x, w, law):
@@ -43,47 +48,85 @@ def x_init(n, dim, seed):
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
 
 
+def mean_over_seeds(rows):
+    return [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
+
+
 def base_chain(steps_list, n, seeds):
-    rows = []
-    for name, law in (("ring 2-D", RING), ("gmm 8-D", GMM8)):
+    """{(target, steps, step kind): (mean err, var err)}."""
+    out = {}
+    for name, law in TARGETS.items():
         for steps in steps_list:
-            for kind in fc.SDE_STEPS:
+            for kind in STEPS:
                 errs = []
                 for seed in range(seeds):
                     res = fc.base_sample(law.denoiser, x_init(n, law.dim, seed), fc.time_grid(steps),
                                          config=fc.FMTTConfig(sde_step=kind, seed=seed))
                     errs.append(errors(res.samples, torch.full((n,), 1 / n, dtype=torch.float64), law))
-                rows.append((name, steps, kind, *[sum(e[i] for e in errs) / seeds for i in range(2)]))
-    return rows
+                out[name, steps, kind] = mean_over_seeds(errs)
+    return out
 
 
-def weight_rules(steps_list, n, seeds, rk4):
+def steps_needed(base, steps_list, level, name, kind):
+    """Fewest steps on the grid from which on max(mean err, var err) stays <= level."""
+    ok = [max(base[name, s, kind]) <= level for s in steps_list]
+    for i, s in enumerate(steps_list):
+        if all(ok[i:]):
+            return str(s)
+    return f"> {steps_list[-1]}"
+
+
+def fmtt_runs(steps_list, n, seeds, rk4):
+    """{(steps, look-ahead, weights, step kind): (mean err, var err, final ESS / N, resamples)}."""
     reward, beta = quadratic_reward(C2, 1.0), 1.0
     law = RING.tilt_quadratic(C2, beta)
     looks = {"flow map": lambda: fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, rk4)),
              "denoiser": lambda: fc.DenoiserLookahead(RING.denoiser)}
-    rows = []
+    cases = [("twisted", kind) for kind in STEPS] + [("advective", "euler"), ("eulerian", "euler")]
+    out = {}
     for steps in steps_list:
         for look_name, look in looks.items():
-            for weights in ("twisted", "advective", "eulerian"):
-                out = []
+            for weights, kind in cases:
+                rows = []
                 for seed in range(seeds):
+                    cfg = fc.FMTTConfig(reward_scale=beta, weights=weights, sde_step=kind, seed=seed)
                     res = fc.fmtt_sample(RING.denoiser, x_init(n, 2, seed), fc.time_grid(steps), reward=reward,
-                                         lookahead=look(), config=fc.FMTTConfig(reward_scale=beta, weights=weights,
-                                                                                seed=seed))
-                    out.append((*errors(res.samples, res.weights, law), res.ess / n, res.n_resamples))
-                rows.append((steps, look_name, weights, *[sum(o[i] for o in out) / seeds for i in range(4)]))
-    return rows
+                                         lookahead=look(), config=cfg)
+                    rows.append((*errors(res.samples, res.weights, law), res.ess / n, res.n_resamples))
+                out[steps, look_name, weights, kind] = mean_over_seeds(rows)
+    return out
 
 
-def tables(base_rows, weight_rows, meta) -> str:
-    lines = [f"# Error vs steps ({meta})", "", "## Base chain (no reward): error against the data law", "",
-             "| target | steps | step | mean err | var err |", "|---|---:|---|---:|---:|"]
-    lines += [f"| {a} | {s} | {k} | {m:.3f} | {v:.3f} |" for a, s, k, m, v in base_rows]
-    lines += ["", "## FMTT exact on the ring (quadratic reward, beta 1): weight rules", "",
+def tables(base, base_steps, fmtt, fmtt_steps, meta) -> str:
+    head = " | ".join(STEPS)
+    lines = [f"# Error vs steps ({meta})", "",
+             "## Base chain (no reward): error against the data law, mean err / var err", "",
+             f"| target | steps | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
+    for name in TARGETS:
+        for s in base_steps:
+            lines.append(f"| {name} | {s} | " + " | ".join(
+                "{:.3f} / {:.3f}".format(*base[name, s, k]) for k in STEPS) + " |")
+    lines += ["", "## Steps needed for a given error: fewest steps on the grid from which on "
+              "max(mean err, var err) <= error", "",
+              f"| target | error | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
+    for name in TARGETS:
+        for level in LEVELS:
+            lines.append(f"| {name} | {level:g} | " + " | ".join(
+                steps_needed(base, base_steps, level, name, k) for k in STEPS) + " |")
+    lines += ["", "## FMTT exact on the ring (quadratic reward, beta 1), twisted weights: the SDE steps, "
+              "mean err / var err / final ESS/N", "",
+              f"| steps | look-ahead | {head} |", "|---:|---|" + "---:|" * len(STEPS)]
+    looks = dict.fromkeys(lk for _, lk, _, _ in fmtt)
+    for s in fmtt_steps:
+        for lk in looks:
+            lines.append(f"| {s} | {lk} | " + " | ".join(
+                "{:.3f} / {:.3f} / {:.2f}".format(*fmtt[s, lk, "twisted", k][:3]) for k in STEPS) + " |")
+    lines += ["", "## FMTT exact on the ring (quadratic reward, beta 1): weight rules, Euler step", "",
               "| steps | look-ahead | weights | mean err | var err | final ESS/N | resamples |",
               "|---:|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {s} | {lk} | {w} | {m:.3f} | {v:.3f} | {e:.2f} | {r:.1f} |" for s, lk, w, m, v, e, r in weight_rows]
+    for (s, lk, w, k), (m, v, e, r) in fmtt.items():
+        if k == "euler":
+            lines.append(f"| {s} | {lk} | {w} | {m:.3f} | {v:.3f} | {e:.2f} | {r:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,14 +137,16 @@ def main(argv=None):
     torch.set_num_threads(1)
     start = time.perf_counter()
     if args.quick:
-        base_rows = base_chain((5, 10), 256, 1)
-        weight_rows = weight_rules((5,), 64, 1, 4)
-        meta = "quick: N 256 / 64, 1 seed"
+        base_steps, fmtt_steps = (5, 10), (5,)
+        base = base_chain(base_steps, 512, 1)
+        fmtt = fmtt_runs(fmtt_steps, 64, 1, 4)
+        meta = "quick: N 512 / 64, 1 seed"
     else:
-        base_rows = base_chain((10, 20, 40, 80), 8192, 2)
-        weight_rows = weight_rules((5, 10, 20, 40), 1024, 3, 8)
-        meta = "base chain N 8192 x 2 seeds, FMTT N 1024, 3 seeds, flow map = RK4(8) on the exact denoiser"
-    text = tables(base_rows, weight_rows, meta) + f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
+        base_steps, fmtt_steps = (5, 10, 20, 40, 80), (5, 10, 20, 40)
+        base = base_chain(base_steps, 32768, 2)
+        fmtt = fmtt_runs(fmtt_steps, 2048, 3, 8)
+        meta = "base chain N 32768 x 2 seeds, FMTT N 2048 x 3 seeds, flow map = RK4(8) on the exact denoiser"
+    text = tables(base, base_steps, fmtt, fmtt_steps, meta) + f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)

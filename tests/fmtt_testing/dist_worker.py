@@ -104,7 +104,7 @@ def sampler_problem(args):
     cfg = FMTTConfig(mode=args.get("mode", "exact"), reward_scale=args.get("beta", 2.0),
                      ess_threshold=args.get("ess_threshold", 0.9), resampling=args.get("resampling", "systematic"),
                      chunk_size=args.get("chunk"), search_steps=3, defect_probe=args.get("probe", 0),
-                     seed=args.get("seed", 0))
+                     sde_step=args.get("sde_step", "euler"), seed=args.get("seed", 0))
     lookahead = FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, 8))
     return gm, x_init, time_grid(args.get("steps", 10)), reward, cfg, lookahead
 
