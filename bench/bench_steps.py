@@ -1,7 +1,8 @@
 """Error and ESS versus steps: the SDE steps (Euler-Maruyama, exponential, 2m) and the weight rules.
 
 Part 1, the base chain: untilted sampling of the analytic targets (fmtt_core.analytic) with each
-SDE step, against the exact data law; then the steps each needs for a given error. Weights cannot
+SDE step, against the exact data law; the steps each needs for a given error; on Gaussian data, the
+variance error per data width (narrow to wide). Weights cannot
 remove this error: every exact weighting targets the base chain's law times exp(beta r).
 Part 2, FMTT exact mode on the ring with the quadratic reward, error of the weighted mean against the
 exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side under the default
@@ -30,8 +31,10 @@ GMM8 = GaussianMixture(
     torch.tensor([0.3, 0.3, 0.2, 0.2]),
     2 * torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
     0.2 + 0.5 * torch.rand(4, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-GAUSS = GaussianMixture(torch.ones(1), torch.tensor([[1.0, -0.5]]), torch.tensor([[0.3, 2.0]]))
-TARGETS = {"gaussian 2-D": GAUSS, "ring 2-D": RING, "gmm 8-D": GMM8}
+# Gaussian data, one variance per dimension (independent): where each step wins depends on the width.
+GAUSS_VARS = (0.01, 0.1, 1.0, 4.0)
+GAUSS = GaussianMixture(torch.ones(1), torch.tensor([[1.0, -0.5, 0.0, 2.0]]), torch.tensor([GAUSS_VARS]))
+TARGETS = {"gaussian 4-D": GAUSS, "ring 2-D": RING, "gmm 8-D": GMM8}
 C2 = torch.tensor([4.0, 0.0], dtype=torch.float64)
 STEPS = ("euler", "exponential", "2m")
 LEVELS = (0.1, 0.05, 0.025)
@@ -44,6 +47,11 @@ def errors(x, w, law):
     return float(((m - law.mean()) / sd).abs().max()), float((v / law.cov().diag() - 1).abs().max())
 
 
+def variance_errors(x, law):
+    """Signed variance / exact - 1 per dimension."""
+    return (x.var(0) / law.cov().diag() - 1).tolist()
+
+
 def x_init(n, dim, seed):
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
 
@@ -53,7 +61,7 @@ def mean_over_seeds(rows):
 
 
 def base_chain(steps_list, n, seeds):
-    """{(target, steps, step kind): (mean err, var err)}."""
+    """{(target, steps, step kind): (mean err, var err)} on the uniform grid."""
     out = {}
     for name, law in TARGETS.items():
         for steps in steps_list:
@@ -64,6 +72,24 @@ def base_chain(steps_list, n, seeds):
                                          config=fc.FMTTConfig(sde_step=kind, seed=seed))
                     errs.append(errors(res.samples, torch.full((n,), 1 / n, dtype=torch.float64), law))
                 out[name, steps, kind] = mean_over_seeds(errs)
+    return out
+
+
+GRIDS = {"uniform": lambda u: u, "crowded": lambda u: 1 - (1 - u) ** 2}  # crowded: t = 1 - (1 - u)^2
+
+
+def gaussian_widths(steps_list, n, seeds):
+    """{(grid, steps, step kind): signed variance error per dimension of the Gaussian}."""
+    out = {}
+    for grid, warp in GRIDS.items():
+        for steps in steps_list:
+            for kind in STEPS:
+                dims = []
+                for seed in range(seeds):
+                    res = fc.base_sample(GAUSS.denoiser, x_init(n, GAUSS.dim, seed), warp(fc.time_grid(steps)),
+                                         config=fc.FMTTConfig(sde_step=kind, seed=seed))
+                    dims.append(variance_errors(res.samples, GAUSS))
+                out[grid, steps, kind] = mean_over_seeds(dims)
     return out
 
 
@@ -97,7 +123,7 @@ def fmtt_runs(steps_list, n, seeds, rk4):
     return out
 
 
-def tables(base, base_steps, fmtt, fmtt_steps, meta) -> str:
+def tables(base, per_dim, base_steps, fmtt, fmtt_steps, meta) -> str:
     head = " | ".join(STEPS)
     lines = [f"# Error vs steps ({meta})", "",
              "## Base chain (no reward): error against the data law, mean err / var err", "",
@@ -113,6 +139,12 @@ def tables(base, base_steps, fmtt, fmtt_steps, meta) -> str:
         for level in LEVELS:
             lines.append(f"| {name} | {level:g} | " + " | ".join(
                 steps_needed(base, base_steps, level, name, k) for k in STEPS) + " |")
+    lines += ["", "## Gaussian data by width: signed variance error of each dimension (data variance s2), on "
+              "the uniform grid and on one crowded towards the data, t = 1 - (1 - u)^2", "",
+              "| grid | steps | step | " + " | ".join(f"s2 = {v:g}" for v in GAUSS_VARS) + " |",
+              "|---|---:|---|" + "---:|" * len(GAUSS_VARS)]
+    for (grid, s, k), errs in per_dim.items():
+        lines.append(f"| {grid} | {s} | {k} | " + " | ".join(f"{e:+.3f}" for e in errs) + " |")
     lines += ["", "## FMTT exact on the ring (quadratic reward, beta 1), twisted weights: the SDE steps, "
               "mean err / var err / final ESS/N", "",
               f"| steps | look-ahead | {head} |", "|---:|---|" + "---:|" * len(STEPS)]
@@ -138,15 +170,16 @@ def main(argv=None):
     start = time.perf_counter()
     if args.quick:
         base_steps, fmtt_steps = (5, 10), (5,)
-        base = base_chain(base_steps, 512, 1)
+        base, per_dim = base_chain(base_steps, 512, 1), gaussian_widths(base_steps, 512, 1)
         fmtt = fmtt_runs(fmtt_steps, 64, 1, 4)
         meta = "quick: N 512 / 64, 1 seed"
     else:
         base_steps, fmtt_steps = (5, 10, 20, 40, 80), (5, 10, 20, 40)
-        base = base_chain(base_steps, 32768, 2)
+        base, per_dim = base_chain(base_steps, 32768, 2), gaussian_widths((5, 10, 20, 40), 32768, 2)
         fmtt = fmtt_runs(fmtt_steps, 2048, 3, 8)
         meta = "base chain N 32768 x 2 seeds, FMTT N 2048 x 3 seeds, flow map = RK4(8) on the exact denoiser"
-    text = tables(base, base_steps, fmtt, fmtt_steps, meta) + f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
+    text = tables(base, per_dim, base_steps, fmtt, fmtt_steps, meta)
+    text += f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
