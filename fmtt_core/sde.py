@@ -27,7 +27,9 @@ and the steps differ in how they take D(u) along the step:
                 with rho_u = (1 - t') / (1 - u). No extra model call. Given (x, D_prev) the kernel is
                 still Gaussian with the same sigma, so kernel-ratio weights stay exact provided D_prev
                 follows its particle through resampling. The first step (no D_prev) is exponential.
-Neither step is exact for Gaussian data: that needs D's Jacobian (near t = 1 it cancels the drift's
+                D - D_prev also carries the last step's noise, so with eta > 0 the step stays first
+                order in law, with a smaller constant (bench/bench_steps.py).
+None of them is exact for Gaussian data: that needs D's Jacobian (near t = 1 it cancels the drift's
 stiff rate (1 + eta) / (1 - t), which the exponential steps integrate but Euler only samples).
 The step that reaches t = 1 is the jump onto D for all three: the score is singular there.
 """
