@@ -2,14 +2,14 @@
 
 Part 1, the base chain: untilted sampling of the analytic targets (fmtt_core.analytic) with each
 SDE step, against the exact data law; the steps each needs for a given error; on Gaussian data, the
-variance error per data width (narrow to wide). Weights cannot
-remove this error: every exact weighting targets the base chain's law times exp(beta r).
+variance error per data width (narrow to wide). Weights cannot remove this error: every exact
+weighting targets the base chain's law times exp(beta r).
 Part 2, FMTT exact mode on the ring with the quadratic reward, error of the weighted mean against the
-exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side under the default
-(twisted) weights, (b) the weight rules (twisted, advective, eulerian) with the Euler step; look-aheads:
+exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side under twisted
+weights, (b) the weight rules (twisted, auto, advective, eulerian) with the Euler step; look-aheads:
 the exact flow map (RK4 on the exact denoiser) and the denoiser.
 
-    python bench/bench_steps.py            # ~6 min on one core: prints and writes bench/results/steps.md
+    python bench/bench_steps.py            # ~4 min on one core: prints and writes bench/results/steps.md
     python bench/bench_steps.py --quick    # smoke run, prints only
 
 Errors: |mean - exact| / std (max over dimensions) and |variance / exact - 1| (max), mean over seeds.
@@ -108,7 +108,7 @@ def fmtt_runs(steps_list, n, seeds, rk4):
     law = RING.tilt_quadratic(C2, beta)
     looks = {"flow map": lambda: fc.FlowMapLookahead(lambda x, s, t: RING.flow_map(x, s, t, rk4)),
              "denoiser": lambda: fc.DenoiserLookahead(RING.denoiser)}
-    cases = [("twisted", kind) for kind in STEPS] + [("advective", "euler"), ("eulerian", "euler")]
+    cases = [("twisted", kind) for kind in STEPS] + [(w, "euler") for w in ("auto", "advective", "eulerian")]
     out = {}
     for steps in steps_list:
         for look_name, look in looks.items():

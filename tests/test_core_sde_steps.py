@@ -88,7 +88,8 @@ def fmtt_means(kind, **cfg):
     for seed in range(RUNS):
         x0 = torch.randn(N, 2, generator=torch.Generator().manual_seed(300 + seed), dtype=torch.float64)
         res = fc.fmtt_sample(GM2.denoiser, x0, fc.time_grid(STEPS), reward=linear_reward(A2),
-                             config=fc.FMTTConfig(reward_scale=BETA, sde_step=kind, seed=seed, **cfg))
+                             config=fc.FMTTConfig(reward_scale=BETA, weights="twisted", sde_step=kind,
+                                                  seed=seed, **cfg))
         means.append(res.weights @ res.samples)
         if cfg.get("ess_threshold") == 1.0:
             assert res.n_resamples >= STEPS - 2, res.n_resamples  # every step but the last resampled
