@@ -1,15 +1,15 @@
 """Error and ESS versus steps: the SDE steps (Euler-Maruyama, exponential, 2m) and the weight rules.
 
 Part 1, the base chain: untilted sampling of the analytic targets (fmtt_core.analytic) with each
-SDE step, against the exact data law; the steps each needs for a given error; on Gaussian data, the
-variance error per data width (narrow to wide). Weights cannot remove this error: every exact
-weighting targets the base chain's law times exp(beta r).
+SDE step at eta 1 and 0.1, against the exact data law; the steps each needs for a given error; on
+Gaussian data (eta 1), the variance error per data width (narrow to wide). Weights cannot remove
+this error: every exact weighting targets the base chain's law times exp(beta r).
 Part 2, FMTT exact mode on the ring with the quadratic reward, error of the weighted mean against the
 exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side under twisted
 weights, (b) the weight rules (twisted, auto, advective, eulerian) with the Euler step; look-aheads:
 the exact flow map (RK4 on the exact denoiser) and the denoiser.
 
-    python bench/bench_steps.py            # ~4-6 min on one core: prints and writes bench/results/steps.md
+    python bench/bench_steps.py            # ~6-8 min on one core: prints and writes bench/results/steps.md
     python bench/bench_steps.py --quick    # smoke run, prints only
 
 Errors: |mean - exact| / std (max over dimensions) and |variance / exact - 1| (max), mean over seeds.
@@ -38,6 +38,7 @@ TARGETS = {"gaussian 4-D": GAUSS, "ring 2-D": RING, "gmm 8-D": GMM8}
 C2 = torch.tensor([4.0, 0.0], dtype=torch.float64)
 STEPS = ("euler", "exponential", "2m")
 LEVELS = (0.1, 0.05, 0.025)
+ETAS = (1.0, 0.1)  # the default stochasticity, and the authors' toy's (little noise: 2m's best case)
 
 
 def errors(x, w, law):
@@ -60,8 +61,8 @@ def mean_over_seeds(rows):
     return [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
 
 
-def base_chain(steps_list, n, seeds):
-    """{(target, steps, step kind): (mean err, var err)} on the uniform grid."""
+def base_chain(steps_list, n, seeds, eta):
+    """{(target, steps, step kind): (mean err, var err)} on the uniform grid at this eta."""
     out = {}
     for name, law in TARGETS.items():
         for steps in steps_list:
@@ -69,7 +70,7 @@ def base_chain(steps_list, n, seeds):
                 errs = []
                 for seed in range(seeds):
                     res = fc.base_sample(law.denoiser, x_init(n, law.dim, seed), fc.time_grid(steps),
-                                         config=fc.FMTTConfig(sde_step=kind, seed=seed))
+                                         config=fc.FMTTConfig(sde_step=kind, eta=eta, seed=seed))
                     errs.append(errors(res.samples, torch.full((n,), 1 / n, dtype=torch.float64), law))
                 out[name, steps, kind] = mean_over_seeds(errs)
     return out
@@ -123,22 +124,24 @@ def fmtt_runs(steps_list, n, seeds, rk4):
     return out
 
 
-def tables(base, per_dim, base_steps, fmtt, fmtt_steps, meta) -> str:
+def tables(bases, per_dim, base_steps, fmtt, fmtt_steps, meta) -> str:
+    """bases: {eta: base_chain(...)}, the default eta first."""
     head = " | ".join(STEPS)
-    lines = [f"# Error vs steps ({meta})", "",
-             "## Base chain (no reward): error against the data law, mean err / var err", "",
-             f"| target | steps | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
-    for name in TARGETS:
-        for s in base_steps:
-            lines.append(f"| {name} | {s} | " + " | ".join(
-                "{:.3f} / {:.3f}".format(*base[name, s, k]) for k in STEPS) + " |")
-    lines += ["", "## Steps needed for a given error: fewest steps on the grid from which on "
-              "max(mean err, var err) <= error", "",
-              f"| target | error | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
-    for name in TARGETS:
-        for level in LEVELS:
-            lines.append(f"| {name} | {level:g} | " + " | ".join(
-                steps_needed(base, base_steps, level, name, k) for k in STEPS) + " |")
+    lines = [f"# Error vs steps ({meta})"]
+    for eta, base in bases.items():
+        lines += ["", f"## Base chain (no reward, eta {eta:g}): error against the data law, mean err / var err", "",
+                  f"| target | steps | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
+        for name in TARGETS:
+            for s in base_steps:
+                lines.append(f"| {name} | {s} | " + " | ".join(
+                    "{:.3f} / {:.3f}".format(*base[name, s, k]) for k in STEPS) + " |")
+        lines += ["", f"## Steps needed for a given error (eta {eta:g}): fewest steps on the grid from which on "
+                  "max(mean err, var err) <= error", "",
+                  f"| target | error | {head} |", "|---|---:|" + "---:|" * len(STEPS)]
+        for name in TARGETS:
+            for level in LEVELS:
+                lines.append(f"| {name} | {level:g} | " + " | ".join(
+                    steps_needed(base, base_steps, level, name, k) for k in STEPS) + " |")
     lines += ["", "## Gaussian data by width: signed variance error of each dimension (data variance s2), on "
               "the uniform grid and on one crowded towards the data, t = 1 - (1 - u)^2", "",
               "| grid | steps | step | " + " | ".join(f"s2 = {v:g}" for v in GAUSS_VARS) + " |",
@@ -170,15 +173,17 @@ def main(argv=None):
     start = time.perf_counter()
     if args.quick:
         base_steps, fmtt_steps = (5, 10), (5,)
-        base, per_dim = base_chain(base_steps, 512, 1), gaussian_widths(base_steps, 512, 1)
+        bases = {eta: base_chain(base_steps, 512, 1, eta) for eta in ETAS}
+        per_dim = gaussian_widths(base_steps, 512, 1)
         fmtt = fmtt_runs(fmtt_steps, 64, 1, 4)
         meta = "quick: N 512 / 64, 1 seed"
     else:
         base_steps, fmtt_steps = (5, 10, 20, 40, 80), (5, 10, 20, 40)
-        base, per_dim = base_chain(base_steps, 32768, 2), gaussian_widths((5, 10, 20, 40), 32768, 2)
+        bases = {eta: base_chain(base_steps, 32768, 2, eta) for eta in ETAS}
+        per_dim = gaussian_widths((5, 10, 20, 40), 32768, 2)
         fmtt = fmtt_runs(fmtt_steps, 2048, 3, 8)
         meta = "base chain N 32768 x 2 seeds, FMTT N 2048 x 3 seeds, flow map = RK4(8) on the exact denoiser"
-    text = tables(base, per_dim, base_steps, fmtt, fmtt_steps, meta)
+    text = tables(bases, per_dim, base_steps, fmtt, fmtt_steps, meta)
     text += f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
     print(text)
     if not args.quick:
