@@ -9,7 +9,7 @@ import torch
 from scipy import integrate, stats
 
 import fmtt_core as fc
-from fmtt_core.analytic import GaussianMixture, linear_reward
+from fmtt_core.analytic import GaussianMixture, linear_reward, ring_mixture
 from fmtt_core.sde import multistep_weight
 from fmtt_testing import dist_tools
 from fmtt_testing import dist_worker as worker
@@ -31,18 +31,21 @@ def second_moment_error(x, law):
     return float(sq.mean()) / total - 1, float(sq.std()) / math.sqrt(x.shape[0]) / total
 
 
-def base_error(law, kind, steps, n=1 << 17, seed=0):
+def base_error(law, kind, steps, eta=1.0, n=1 << 17, seed=0):
     x0 = torch.randn(n, law.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    res = fc.base_sample(law.denoiser, x0, fc.time_grid(steps), config=fc.FMTTConfig(sde_step=kind, seed=seed))
+    res = fc.base_sample(law.denoiser, x0, fc.time_grid(steps),
+                         config=fc.FMTTConfig(sde_step=kind, eta=eta, seed=seed))
     return second_moment_error(res.samples, law)
 
 
-@pytest.mark.parametrize(("name", "law", "steps"), [("gaussian", GAUSS, 10), ("gaussian", GAUSS, 5),
-                                                    ("8-D mixture", GMM8, 10)])
-def test_2m_base_chain_beats_euler_at_few_steps(name, law, steps):
+@pytest.mark.parametrize(("name", "law", "steps", "eta"), [
+    ("wide gaussian", GAUSS, 10, 1.0), ("wide gaussian", GAUSS, 5, 1.0), ("8-D mixture", GMM8, 10, 1.0),
+    ("ring, little noise", ring_mixture(8, 4.0, 0.5), 10, 0.1)])
+def test_2m_base_chain_beats_euler_at_few_steps(name, law, steps, eta):
     """The error of the untilted chain against the data law, with its Monte-Carlo interval: 2m's upper
-    bound lies below Euler's lower bound (same noise, same seed)."""
-    errs = {kind: base_error(law, kind, steps) for kind in ("euler", "2m")}
+    bound lies below Euler's lower bound (same noise, same seed). Not every target: on narrow data
+    at eta 1 and few steps Euler is ahead (bench/bench_steps.py)."""
+    errs = {kind: base_error(law, kind, steps, eta) for kind in ("euler", "2m")}
     (e_euler, se_euler), (e_2m, se_2m) = errs["euler"], errs["2m"]
     assert abs(e_2m) + Z * se_2m < abs(e_euler) - Z * se_euler, (name, steps, errs)
 
