@@ -9,7 +9,7 @@ exact tilted law, final ESS / N and resamplings: (a) the SDE steps side by side 
 weights, (b) the weight rules (twisted, auto, advective, eulerian) with the Euler step; look-aheads:
 the exact flow map (RK4 on the exact denoiser) and the denoiser.
 
-    python bench/bench_steps.py            # ~6-8 min on one core: prints and writes bench/results/steps.md
+    python bench/bench_steps.py            # 6-10 min on one core: prints and writes bench/results/steps.md
     python bench/bench_steps.py --quick    # smoke run, prints only
 
 Errors: |mean - exact| / std (max over dimensions) and |variance / exact - 1| (max), mean over seeds.
