@@ -6,9 +6,11 @@
                            Each clone's BaseModel counts the rows it computes (and can be told to fail).
   FMTTTestCountingReward   slope x mean brightness, counting the rows each reward object (the original or a copy
                            on a device) scores
-  FMTTTestMultiGPUReport   the counts of a tag, as text (after the sampler: it takes the sampled LATENT)
+  FMTTTestMultiGPUReport   the counts of a tag and the threads that computed them, as text (after the sampler:
+                           it takes the sampled LATENT)
 """
 import json
+import threading
 from collections import defaultdict
 
 import comfy.model_management
@@ -19,12 +21,18 @@ from comfy_api.latest import io, ui
 Reward = io.Custom("FMTT_REWARD")
 # tag -> who -> rows: "clone 1", "clone 2", ... for the clones' BaseModels, "reward <n>" for each reward object
 COUNTS: dict = defaultdict(lambda: defaultdict(int))
+THREADS: dict = defaultdict(lambda: defaultdict(set))  # tag -> who -> names of the threads that computed
+
+
+def _count(tag: str, who: str, rows: int) -> None:
+    COUNTS[tag][who] += rows
+    THREADS[tag][who].add(threading.current_thread().name)
 
 
 def _counter(tag: str, who: str, fail_after: int, fail_kind: str):
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs["x"]
-        COUNTS[tag][who] += int(x.shape[0])
+        _count(tag, who, int(x.shape[0]))
         if 0 <= fail_after < COUNTS[tag][who]:
             if fail_kind == "interrupt":  # what ComfyUI's cancel button does, from inside a worker's model call
                 comfy.model_management.interrupt_current_processing(True)
@@ -70,7 +78,7 @@ class CountingReward(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(()), requires_grad=False)  # a tensor for the copy to move
 
     def forward(self, images):
-        COUNTS[self.tag][f"reward {id(self)}"] += int(images.shape[0])
+        _count(self.tag, f"reward {id(self)}", int(images.shape[0]))
         return self.slope * self.scale * images.mean((1, 2, 3))
 
 
@@ -95,7 +103,8 @@ class TestMultiGPUReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, tag, samples):
-        return io.NodeOutput(ui=ui.PreviewText(json.dumps(dict(COUNTS[tag]))))
+        threads = {who: sorted(names) for who, names in THREADS[tag].items()}
+        return io.NodeOutput(ui=ui.PreviewText(json.dumps({**COUNTS[tag], "threads": threads})))
 
 
 NODES = [TestMultiGPUClones, TestCountingReward, TestMultiGPUReport]

@@ -53,9 +53,10 @@ def comparable(summary: str) -> list[str]:
     return [re.sub(r"time [\d.]+ s", "time", line) for line in summary.splitlines() if not line.startswith("MultiGPU")]
 
 
-def model_rows(summary: str) -> int:
-    """Rows through the diffusion model (denoiser + look-ahead) by the core's NFE counters."""
-    return int(re.search(r"NFE \(particle-evaluations\):.*\bmodel (\d+)", summary).group(1))
+def model_rows(summary: str, counter: str = "model") -> int:
+    """Rows through the diffusion model by the core's NFE counters: "model" (denoiser + base-model look-ahead), or
+    "denoiser" (when the look-ahead is another network)."""
+    return int(re.search(rf"NFE \(particle-evaluations\):.*\b{counter} (\d+)", summary).group(1))
 
 
 def pair(comfy, lookahead=None, clones=1, **fmtt):
@@ -79,9 +80,9 @@ def test_spread_over_a_clone_gives_the_one_device_result(comfy, mode, lookahead)
     assert "MultiGPU: particles per step on cpu (main, this thread): 2 particle(s), cpu (clone 1): 2 particle(s)" \
         in text, text
     assert "WARNING" not in text, text
-    # The clone's BaseModel computed exactly its half of every model call (denoiser and look-ahead).
+    # The clone's BaseModel computed exactly its half of every call of the diffusion model.
     assert counts.get("clone 1", 0) > 0, f"the clone never ran: {counts}"
-    assert 2 * counts["clone 1"] == model_rows(text), (counts, text)
+    assert 2 * counts["clone 1"] == model_rows(text, "denoiser" if lookahead == "flow_map" else "model"), text
 
 
 def test_three_devices_uneven_split_and_the_reward_copies(comfy):
@@ -100,8 +101,16 @@ def test_three_devices_uneven_split_and_the_reward_copies(comfy):
     counts = json.loads(spread["outputs"]["counts"]["text"][0])
     rows = model_rows(text)
     assert (5 * counts["clone 1"], 5 * counts["clone 2"]) == (2 * rows, rows), (counts, text)
-    rewards = sorted(v for k, v in counts.items() if k.startswith("reward"))
+    rewards = [k for k in counts if k.startswith("reward")]
     assert len(rewards) == 3, f"expected the reward and two copies to score particles: {counts}"
+    # The clones ran on ComfyUI's pool worker (one for the CPU), not on the thread that runs the prompt; so did
+    # the two reward copies, and the original reward ran on the prompt's thread.
+    threads = counts["threads"]
+    assert threads["clone 1"] == threads["clone 2"], threads
+    worker = threads["clone 1"]
+    on_worker = [k for k in rewards if threads[k] == worker]
+    elsewhere = [k for k in rewards if not set(threads[k]) & set(worker)]
+    assert len(worker) == 1 and len(on_worker) == 2 and len(elsewhere) == 1, threads
 
 
 def test_a_look_ahead_without_copies_runs_on_the_main_device_with_a_warning(comfy):
