@@ -247,7 +247,10 @@ class Spread:
 
     def _work(self, loop: ParticleLoop, rows: torch.Tensor, fn):
         with this_thread(self.gradients):  # grad mode is per thread: a pool worker starts without ours
-            return fn(loop, rows)
+            out = fn(loop, rows)
+        if rows.device.type == "cuda":  # the outputs are complete before another thread copies them
+            torch.cuda.synchronize(rows.device)
+        return out
 
     def _error(self, i: int, error: BaseException) -> BaseException:
         if isinstance(error, comfy.model_management.InterruptProcessingException):
