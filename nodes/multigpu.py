@@ -81,12 +81,27 @@ def replicate(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     with torch.inference_mode(False):
         memo = {}
         for t in [*module.parameters(), *module.buffers()]:
-            moved = t.detach().to(device, copy=True)
+            moved = _copy_like(t, device)
             memo[id(t)] = torch.nn.Parameter(moved, requires_grad=t.requires_grad) if isinstance(
                 t, torch.nn.Parameter) else moved
         clone = copy.deepcopy(module, memo)
         _retarget(clone, device, set())
     return clone
+
+
+ALIGN = 64  # bytes; the CPU allocator's alignment (CUDA's is a multiple of it)
+
+
+def _copy_like(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of t on `device` at the same address modulo ALIGN as t. Math libraries round differently for
+    differently aligned operands (MKL's matrix-vector products do, e.g. for weights that are views into a
+    safetensors buffer), and a device's copy must compute what the original computes."""
+    t = t.detach()
+    misalign = t.data_ptr() % ALIGN
+    if not t.is_contiguous() or t.numel() == 0 or misalign % t.element_size():
+        return t.to(device, copy=True)
+    shift = misalign // t.element_size()
+    return torch.empty(t.numel() + shift, dtype=t.dtype, device=device)[shift:].view(t.shape).copy_(t)
 
 
 def _retarget(obj, device: torch.device, seen: set) -> None:

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from fmtt_testing.comfy_prompts import error_message, ksampler_prompt, latent_of, ok
+from fmtt_testing.comfy_prompts import custom_prompt, error_message, fmtt_sampler, ksampler_prompt, latent_of, ok
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +111,21 @@ def test_three_devices_uneven_split_and_the_reward_copies(comfy):
     on_worker = [k for k in rewards if threads[k] == worker]
     elsewhere = [k for k in rewards if not set(threads[k]) & set(worker)]
     assert len(worker) == 1 and len(on_worker) == 2 and len(elsewhere) == 1, threads
+
+
+def test_the_fmtt_sampler_in_samplercustomadvanced_spreads_too(comfy):
+    """The SAMPLER path: MultiGPU MODEL -> BasicGuider -> SamplerCustomAdvanced with the FMTT Sampler."""
+    seed = next(_seeds)
+    sampler = fmtt_sampler(particles=4, chunk_size=1, output="top_k", output_count=4)
+    plain = ok(comfy.run(custom_prompt(seed, sampler)))
+    prompt = custom_prompt(seed, sampler)
+    prompt["mgpu"] = {"class_type": "FMTTTestMultiGPUClones", "inputs": {
+        "model": ["model", 0], "clones": 1, "tag": "custom", "fail_after": -1, "fail_kind": "error"}}
+    prompt["guider"]["inputs"]["model"] = ["mgpu", 0]
+    prompt["counts"] = {"class_type": "FMTTTestMultiGPUReport", "inputs": {"tag": "custom", "samples": ["sca", 0]}}
+    spread = ok(comfy.run(prompt))
+    assert latent_of(spread) == latent_of(plain)
+    assert json.loads(spread["outputs"]["counts"]["text"][0]).get("clone 1", 0) > 0
 
 
 def test_a_look_ahead_without_copies_runs_on_the_main_device_with_a_warning(comfy):
