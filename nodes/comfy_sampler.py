@@ -9,6 +9,7 @@ particles to hand back.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -218,7 +219,9 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
 
     def body(companion=None, companion_modules=()):
         with differentiable(base_modules + list(companion_modules), settings.needs_gradient(),
-                            settings.block_checkpointing):
+                            settings.block_checkpointing), contextlib.ExitStack() as devices:
+            for rep in replicas or []:
+                devices.enter_context(rep.prepared())
             return run.run(companion)
 
     try:

@@ -18,7 +18,7 @@ from fmtt_testing.comfy_prompts import custom_prompt, error_message, fmtt_sample
 
 pytestmark = pytest.mark.integration
 
-_seeds = itertools.count(500_000)
+_seeds = itertools.count(700_000)
 _tags = itertools.count()
 
 LOOKAHEADS = {
@@ -26,6 +26,9 @@ LOOKAHEADS = {
                                                                "checkpoint": True}},
     "flow_map": {"class_type": "FMTTFlowMapLookahead", "inputs": {"flow_map": "tiny_flow_map.safetensors",
                                                                   "jumps": 2, "checkpoint": True}},
+    "flux_lora": {"class_type": "FMTTFluxFlowMapLookahead", "inputs": {
+        "model": ["model", 0], "lora_name": "tiny_flux_flowmap_lora.safetensors", "strength": 1.0, "jumps": 2,
+        "checkpoint": True}},
 }
 
 
@@ -70,7 +73,7 @@ def pair(comfy, lookahead=None, clones=1, **fmtt):
 
 
 @pytest.mark.parametrize("mode,lookahead", [("exact", None), ("search", None), ("exact", "ode"),
-                                            ("exact", "flow_map"), ("zero_order", None)])
+                                            ("exact", "flow_map"), ("exact", "flux_lora"), ("zero_order", None)])
 def test_spread_over_a_clone_gives_the_one_device_result(comfy, mode, lookahead):
     plain, spread, counts = pair(comfy, lookahead, mode=mode, particles=4, chunk_size=2, output="top_k",
                                  output_count=4, search_keep=2)
@@ -80,9 +83,12 @@ def test_spread_over_a_clone_gives_the_one_device_result(comfy, mode, lookahead)
     assert "MultiGPU: particles per step on cpu (main, this thread): 2 particle(s), cpu (clone 1): 2 particle(s)" \
         in text, text
     assert "WARNING" not in text, text
-    # The clone's BaseModel computed exactly its half of every call of the diffusion model.
+    # The clone's BaseModel computed exactly its half of every call of the diffusion model (a flow-map file is
+    # another network; the LoRA's checkpointed jumps run the model again in the backward pass).
     assert counts.get("clone 1", 0) > 0, f"the clone never ran: {counts}"
-    assert 2 * counts["clone 1"] == model_rows(text, "denoiser" if lookahead == "flow_map" else "model"), text
+    expected = model_rows(text, "denoiser" if lookahead == "flow_map" else "model")
+    expected += model_rows(text, "backward_model") if lookahead == "flux_lora" else 0
+    assert 2 * counts["clone 1"] == expected, (counts, text)
 
 
 def test_three_devices_uneven_split_and_the_reward_copies(comfy):
