@@ -21,7 +21,8 @@ no code, so the setting is rebuilt from the stated knobs and the figures; every 
   GUESS   N = 1000 particles (not stated), 1 seed per cell unless --seeds.
 
 Rows: flow map with Eulerian weights (the authors' method), denoiser with the authors' Eulerian
-weights, denoiser with our exact default (twisted) weights, no look-ahead (zero-order / FK-style
+weights, each look-ahead with our exact weights (advective, twisted, and the default auto: per step
+twisted or advective), no look-ahead (zero-order / FK-style
 potentials on x itself is not defined in the core; we run the tilt with lambda_t r(x_t), i.e. the
 identity look-ahead, as the authors' "no lookahead" row describes).
 
@@ -118,8 +119,9 @@ def methods(base: GaussianMixture, rk4: int):
     den = lambda: fc.DenoiserLookahead(base.denoiser)  # noqa: E731
     return {"no look-ahead": (Identity, "eulerian"), "denoiser, eulerian": (den, "eulerian"),
             "denoiser, advective (ours)": (den, "advective"), "denoiser, twisted (ours)": (den, "twisted"),
+            "denoiser, auto (ours, default)": (den, "auto"),
             "flow map, eulerian": (flow, "eulerian"), "flow map, advective (ours)": (flow, "advective"),
-            "flow map, twisted (ours)": (flow, "twisted")}
+            "flow map, twisted (ours)": (flow, "twisted"), "flow map, auto (ours, default)": (flow, "auto")}
 
 
 def run(steps_list, n, seeds, rk4, names=None):

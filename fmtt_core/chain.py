@@ -22,7 +22,7 @@ from .particles import ParticleLoop, count_valid
 from .population import Population
 from .result import FMTTResult, StepTrace
 from .sde import base_kernel, push_ratio, sde_step
-from .weights import AdvectiveWeights, WeightRule, eulerian_defect
+from .weights import WeightRule, eulerian_defect
 
 STEEP_PUSH = 40.0  # a heuristic: passing analytic runs reach ~25x; runs spoilt by one jump ~45x (bench)
 
@@ -47,6 +47,7 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
 
         w = torch.exp(pop.normalize(log_w))
         mean = pop.weighted_mean(w, r)
+        rule.tilted(k, g)
         inc = rule.increment(k, r, x, d)
         if rule.claims_weights:
             log_w = torch.nan_to_num(log_w + inc, nan=-math.inf)
@@ -73,7 +74,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         x = move.x
         rule.moved(move)
         tamed = int(pop.sum(torch.tensor([float(move.tamed)], dtype=torch.float64)))  # over every shard
-        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, tamed))
+        trace.append(StepTrace(t, step_ess, anc is not None, mean, reward_max, valid, defect, tamed,
+                               rule.step_rule if rule.claims_weights else ""))
         if callback is not None:
             callback({"step": k, "steps": steps, "t": t, "x": x, "denoised": d,
                       "ess": step_ess, "resampled": anc is not None, "nfe": loop.nfe})
@@ -87,8 +89,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
 
 
 def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:
-    """Weighted RMS Eulerian defect: free under advective weights, else on `defect_probe` particles."""
-    if isinstance(rule, AdvectiveWeights):
+    """Weighted RMS Eulerian defect: free on advective steps, else on `defect_probe` particles."""
+    if getattr(rule, "last_defect", None) is not None:
         dr = rule.last_defect
     elif cfg.defect_probe > 0:
         p = max(0, min(cfg.defect_probe - pop.start, x.shape[0]))  # this shard's rows among the first probed

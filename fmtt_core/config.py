@@ -37,17 +37,18 @@ class FMTTConfig:
           gradient cannot throw a particle across the space in one step. None: off.
     search_steps: number of top-k selections in search mode, spread over the first 3/4 of the grid.
     search_keep: particles kept at each search selection (default N // 4, at least 1).
-    weights: "advective" (dA = (d_t + b.grad) r_t dt: exact as steps -> 0 for ANY look-ahead, one
-          more look-ahead forward per step, no backward; for a flow map it is the Eulerian form plus
-          the look-ahead's defect), "twisted" (discrete-time weights: the base-to-proposal kernel
-          ratio times look-ahead potentials, as in twisted SMC; exact at any step size for any
-          look-ahead and free, but noisier where sigma |grad r_t| is large: steep rewards, little
-          noise), "eulerian" (dA = lambda' r dt: exact only for a perfect flow map; free),
-          "auto" = "twisted": the only rule exact at the step size actually used, for any look-ahead;
-          when it degenerates it shows (ESS, resamplings), where the others would be silently biased
-          (measured: tests/test_core_hard_cases.py, test_core_exactness.py, bench/bench_steps.py).
-          With a good flow map, many steps and a steep reward at little noise (bench/bench_toy.py),
-          advective or eulerian weights have far less variance: choose them there.
+    weights: "auto" (default): per step, the rule that suits it (weights.AutoWeights): "twisted" where the
+          step is quiet (the tilt's push small against the step's noise), "advective" where it is not. Both
+          carry the tilted marginal from step to step, so mixing them keeps the run exact (twisted: at any
+          step size; advective: as steps shrink); FMTTResult.rule_counts says how a run was split.
+          "twisted": discrete-time weights, the base-to-proposal kernel ratio times look-ahead potentials,
+          as in twisted SMC; exact at any step size for any look-ahead and free, but they degenerate where
+          sigma |grad r_t| is large (steep rewards, little noise: they collapse in bench/bench_toy.py).
+          "advective": dA = (d_t + b.grad) r_t dt, exact as steps -> 0 for ANY look-ahead, one more
+          look-ahead forward per step, no backward; for a flow map it is the Eulerian form plus the
+          look-ahead's defect. "eulerian": dA = lambda' r dt, free, exact only for a perfect flow map
+          (check the trace's Eulerian defect before trusting it). Measured: tests/test_core_hard_cases.py,
+          test_core_auto_weights.py, bench/bench_steps.py, bench/bench_toy.py.
     defect_probe: particles on which the Eulerian defect r_{t+h}(x + h b) - r_t(x) is measured each
           step for the trace (one look-ahead forward each; 0: off; free under advective weights).
     seed: seeds the sampler's own random streams (SDE noise, resampling); no global RNG is touched.

@@ -23,6 +23,7 @@ class StepTrace:
     # zero for a perfect flow map; how far Eulerian weights would be from exact. NaN: not measured.
     defect: float = math.nan
     tamed: int = 0           # particles whose tilt push was tamed (max_push / grad_clip) at this step
+    rule: str = ""           # the weight increment used at this step ("twisted", "advective", ...; "" none)
 
 
 @dataclass
@@ -52,6 +53,15 @@ class FMTTResult:
         """Largest Eulerian defect measured along the run (NaN when none was measured)."""
         d = [s.defect for s in self.trace if not math.isnan(s.defect)]
         return max(d) if d else math.nan
+
+    @property
+    def rule_counts(self) -> dict[str, int]:
+        """Steps per weight increment: how `weights="auto"` split the run between its rules."""
+        counts: dict[str, int] = {}
+        for s in self.trace:
+            if s.rule:
+                counts[s.rule] = counts.get(s.rule, 0) + 1
+        return counts
 
     @property
     def order(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .result import FMTTResult
 from .schedules import check_time_grid, tilt_values
 from .weights import (
     AdvectiveWeights,
+    AutoWeights,
     EulerianWeights,
     SearchSelection,
     TwistedWeights,
@@ -30,7 +31,9 @@ def weight_rule(cfg: FMTTConfig, pop: Population, lam, times, loop: ParticleLoop
     if cfg.mode == "search":
         keep = cfg.search_keep or max(1, pop.size // 4)
         return SearchSelection(pop, lam, beta, search_schedule(len(times) - 1, cfg.search_steps), keep)
-    weights = "twisted" if cfg.mode == "zero_order" or cfg.weights == "auto" else cfg.weights
+    weights = "twisted" if cfg.mode == "zero_order" else cfg.weights
+    if weights == "auto":
+        return AutoWeights(pop, lam, beta, times, loop, cfg.eta, cfg.sde_step, **resampling)
     if weights == "eulerian":
         return EulerianWeights(pop, lam, beta, **resampling)
     if weights == "advective":

@@ -6,6 +6,7 @@ step k at t_k -> t_{k+1}:
     increment(k, r, x, d) -> [N]   log-weight increment after evaluating the look-ahead reward r_k
     select(k, log_w, r, ess, t_next) -> ancestors or None    resampling / search selection
     reindex(ancestors)             move the rule's per-particle state with the particles
+    tilted(k, g)                   the step's tilt force, before increment(k) (for rules that adapt to it)
     moved(move)                    the SDE move just made (sde.Move: its kernel ratios)
     final(r1) -> [N]               the increment that closes the path at t = 1 with r(x1)
 
@@ -13,6 +14,7 @@ and two flags: `claims_weights` (its log-weights are importance weights of the t
 `prices_push` (it accounts exactly for any tilt push, so taming is exact and big pushes are no
 discretisation error). With lambda_k = tilt_values, beta = reward_scale, r_k = r(X_{t_k,1}(x_k)):
 
+  AutoWeights       the default: per step, twisted where the step is quiet, advective where it is not.
   TwistedWeights    beta (lambda_k r_k - lambda_{k-1} r_{k-1}) + log [base / proposal kernel]: the
                     discrete-time Feynman-Kac weights of twisted SMC. They telescope to beta r(x1)
                     times the likelihood ratio of the base chain, so the weighted population targets
@@ -39,6 +41,7 @@ from .sde import base_kernel
 class WeightRule:
     claims_weights = True
     prices_push = False
+    step_rule = ""        # the increment used at the current step, for the trace
 
     def __init__(self, pop: Population, ess_threshold: float = 0.5, scheme: str = "systematic"):
         self.pop, self.ess_threshold, self.scheme = pop, ess_threshold, scheme
@@ -57,6 +60,9 @@ class WeightRule:
 
     def moved(self, move) -> None:
         pass
+
+    def tilted(self, k: int, g) -> None:
+        """The tilt force g = grad of lambda_k beta r_k at x_k (None: untilted step), before increment(k)."""
 
     def final(self, r1) -> torch.Tensor:
         return torch.zeros_like(r1)
@@ -95,6 +101,7 @@ def _finite_or_neginf(value, r):
 
 class TwistedWeights(WeightRule):
     prices_push = True
+    step_rule = "twisted"
 
     def __init__(self, pop, lam, beta, **kw):
         super().__init__(pop, **kw)
@@ -119,6 +126,7 @@ class TwistedWeights(WeightRule):
 
 
 class EulerianWeights(JarzynskiRule):
+    step_rule = "eulerian"
     """Trapezoid rule in time: r at t_k closes the previous interval and opens this one; r(x1) closes
     the last (the look-ahead at t = 1 is the identity)."""
 
@@ -146,6 +154,8 @@ def eulerian_defect(loop, x, d, r, t: float, t_next: float) -> torch.Tensor:
 class AdvectiveWeights(JarzynskiRule):
     """beta (lambda_{k+1} r_{t'}(x + h b) - lambda_k r_t(x)): the advective derivative along the ODE step."""
 
+    step_rule = "advective"
+
     def __init__(self, pop, lam, beta, times, loop, **kw):
         super().__init__(pop, **kw)
         self.lam, self.beta, self.times, self.loop = lam, beta, times, loop
@@ -162,6 +172,8 @@ class FKWeights(WeightRule):
     """FK steering potentials G_k = exp(beta max_{j<=k} r_j) ("max") or exp(beta sum_{j<=k} r_j) ("add"),
     applied every step; the last step applies exp(beta r(x1)) / prod_k G_k along each ancestry, as the
     authors' fkd_class.py does at the terminal sample, so the product over a path is exp(beta r(x1))."""
+
+    step_rule = "fk"
 
     def __init__(self, pop, potential, beta, **kw):
         super().__init__(pop, **kw)
@@ -224,3 +236,72 @@ def search_schedule(steps: int, selections: int) -> set[int]:
     if steps < 2:
         return set()
     return {min(steps - 2, round(0.75 * steps * (j + 1) / (selections + 1))) for j in range(selections)}
+
+
+# A step is quiet when the twisted increment's noise variance, averaged over the particles, is at most
+# this (nats^2): a step then costs twisted weights about exp(-0.1) of their ESS. Measured (README "Hard
+# cases"): in the authors' toy every step is far above any value from 0.05 to 1 (so auto never collapses
+# there); on the analytic targets 0.05, 0.1 and 0.2 give the same error over 24 seeds (the base chain's
+# own discretisation error dominates); above ~0.5 resamplings grow for no gain.
+QUIET_PUSH2 = 0.1
+
+
+class AutoWeights(WeightRule):
+    """Per step, the rule that suits it: twisted where the step is quiet, advective where it is not.
+
+    Both rules carry the tilted marginal rho_k e^{r_k} of step k to rho_{k+1} e^{r_{k+1}}: twisted weights
+    exactly (they price the move by its kernel ratio), advective weights to O(h^2) (the Jarzynski
+    increment along the ODE step). So the rule may change from step to step, chosen before the move from
+    what is known at x_k. Twisted weights add log-weight noise: their increment carries
+    (sigma / 2) grad r_t . z, of variance push^2 = (sigma |g| / 2)^2 per particle (g the tilt force,
+    sigma the step's noise). A step is *quiet* when the population's mean push^2 is at most `quiet`
+    (nats^2): there twisted weights cost almost no ESS and have no time-discretisation error. Where the
+    tilt pushes harder (steep rewards, little noise, the authors' toy), twisted weights would
+    degenerate (measured: bench/bench_toy.py) and the advective increment, deterministic given x_k and
+    exact as h -> 0 for any look-ahead, takes over for that step (one look-ahead forward)."""
+
+    prices_push = False   # on twisted steps only; advective steps correct a tamed push to O(h)
+
+    def __init__(self, pop, lam, beta, times, loop, eta, sde_step, quiet=QUIET_PUSH2, **kw):
+        super().__init__(pop, **kw)
+        self.lam, self.beta, self.times, self.loop = lam, beta, times, loop
+        self.eta, self.sde_step, self.quiet = eta, sde_step, quiet
+        self.force = None
+        self.twisted_open = False                                       # is the current step twisted?
+        self.potential = torch.zeros(pop.count, dtype=torch.float64)    # beta lambda_k r_k, twisted steps
+        self.pending = torch.zeros(pop.count, dtype=torch.float64)      # the last move's kernel / taming ratio
+        self.step_rule, self.last_defect = "", None
+
+    def tilted(self, k, g):
+        self.force = g
+
+    def _mean_push2(self, x, d, k) -> float:
+        if self.force is None:
+            return 0.0
+        _, sigma = base_kernel(x, d, float(self.times[k]), float(self.times[k + 1]), self.eta, self.sde_step)
+        push2 = (0.5 * sigma * self.force.flatten(1).double().norm(dim=1).cpu()) ** 2
+        return float(self.pop.sum(torch.nan_to_num(push2, nan=0.0, posinf=1e300))) / self.pop.size
+
+    def increment(self, k, r, x, d):
+        lam_r = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+        inc = (lam_r - self.potential if self.twisted_open else 0.0) + self.pending
+        self.twisted_open = self._mean_push2(x, d, k) <= self.quiet
+        self.step_rule, self.last_defect = ("twisted" if self.twisted_open else "advective"), None
+        if self.twisted_open:
+            self.potential = lam_r
+        else:
+            t, t_next = float(self.times[k]), float(self.times[k + 1])
+            self.last_defect = eulerian_defect(self.loop, x, d, r, t, t_next)
+            inc = inc + self.beta * (float(self.lam[k + 1]) * (r + self.last_defect) - float(self.lam[k]) * r)
+        self.pending = torch.zeros_like(self.pending)
+        return _finite_or_neginf(inc, r)
+
+    def reindex(self, ancestors):
+        self.potential = self.pop.take(self.potential, ancestors)
+
+    def moved(self, move):
+        ratio = move.log_ratio if self.twisted_open else move.taming_ratio
+        self.pending = ratio if ratio is not None else torch.zeros_like(self.pending)
+
+    def final(self, r1):
+        return (self.beta * r1 - self.potential if self.twisted_open else 0.0) + self.pending

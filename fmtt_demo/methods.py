@@ -7,9 +7,11 @@ and step that makes
 
     base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
     denoiser guidance                       3      (denoiser + backward through it)
-    FMTT, flow-map look-ahead (J jumps)     1 + 3J (denoiser + J flow-map jumps + backward through them)
-    FMTT exact, denoiser look-ahead         3      (denoiser + backward; the default twisted weights
-                                                    need no extra look-ahead)
+    FMTT exact, flow-map look-ahead (J)     1 + 4J (denoiser + J flow-map jumps + backward through them,
+                                                    + J jumps on steps the default weights make advective:
+                                                    an upper bound, charged whether or not they are made)
+    FMTT search / zero-order, flow map      1 + 3J / 1 + J
+    FMTT exact, denoiser look-ahead         4      (denoiser + backward + the advective steps' look-ahead)
 
 and each method gets the particle count that spends what FMTT-exact with the flow map spends
 (`matched_particles`). The table reports the passes each method actually made, from fmtt_core's counter.
@@ -101,9 +103,9 @@ METHODS = {m.key: m for m in [
     # "diff" potentials telescope to exp(beta r(x1)): FK then targets the same tilted law as FMTT exact.
     Method("fk", "FK steering, diff", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "diff"}),
     Method("fk_max", "FK steering, max", "weights", lambda s: 1, fk_steering, options=lambda s: {"potential": "max"}),
-    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 3 * s.jumps, fmtt_sample, "exact", _flow_map),
+    Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 4 * s.jumps, fmtt_sample, "exact", _flow_map),
     Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, fmtt_sample, "search", _flow_map),
-    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 3, fmtt_sample, "exact", _denoiser),
+    Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 4, fmtt_sample, "exact", _denoiser),
     Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, fmtt_sample, "zero_order",
            _flow_map),
 ]}
@@ -162,6 +164,7 @@ class MethodRun:
 def evaluate(method: Method, result: FMTTResult, models, n_out: int, target_class: int | None) -> dict:
     """Judge accuracy (target class), judge confidence, reward: expectations over the handed-on samples."""
     idx, prob = handed_on(method, result, n_out)
+    prob = prob / prob.sum()  # exp of normalised log-weights sums to 1 only up to round-off (1 + 2e-16 seen)
     x = result.samples[idx]
     judge_probs = models.judge(x).softmax(1).double()
     reward = torch.nan_to_num(result.rewards[idx].double(), nan=float("-inf"))

@@ -131,8 +131,10 @@ def _population_line(b: int, run) -> str:
                    f"{float((w * r[ok]).sum() / w.sum()):.4g}")
     else:
         rewards = "not finite"
+    rules = getattr(run, "rule_counts", {})
+    split = f"; weights per step: {', '.join(f'{k} {v}' for k, v in rules.items())}" if rules else ""
     return (f"[{b}] final reward {rewards}; final ESS {run.ess:.2f}/{run.log_weights.numel()}; {run.n_resamples} "
-            f"resampling/selection step(s); thermodynamic length {run.thermodynamic_length:.3g}")
+            f"resampling/selection step(s); thermodynamic length {run.thermodynamic_length:.3g}{split}")
 
 
 def _nfe_lines(diag: Diagnostics) -> list[str]:
@@ -151,7 +153,7 @@ def eulerian_defect_line(run) -> str:
     is from the base flow map along the run, i.e. whether cheap Eulerian weights would hold."""
     defect = getattr(run, "max_defect", math.nan)
     if math.isnan(defect):
-        return "    Eulerian defect: not measured (weights 'advective' or defect_probe > 0 measure it)"
+        return "    Eulerian defect: not measured (advective steps or defect_probe > 0 measure it)"
     return (f"    Eulerian defect max {defect:.3g} (reward units per step; 0 = the look-ahead is the base flow map, "
             "so Eulerian weights would hold)")
 

@@ -111,10 +111,12 @@ SETTINGS: tuple[Setting, ...] = (
                          tooltip="search mode: particles kept at each selection, at most the particles (0: a "
                                  "quarter of them)."), core="search_keep", to_core=_zero_is_none),
     Setting(io.Combo.Input("weights", options=list(WEIGHTS), default=CORE.weights, advanced=True,
-                           tooltip="Importance-weight formula. auto = twisted: exact at any step size for any "
-                                   "look-ahead, free, noisier for steep rewards. advective: exact as steps shrink, "
-                                   "one more look-ahead forward per step, low variance with a flow map. eulerian: "
-                                   "free, exact only for a perfect flow map."),
+                           tooltip="Importance-weight formula. auto: per step, twisted where the tilt's push is "
+                                   "small against the step's noise, advective where it is not (the diagnostics count "
+                                   "the steps of each). twisted: exact at any step size for any look-ahead, free, "
+                                   "degenerates for steep rewards. advective: exact as steps shrink, one more "
+                                   "look-ahead forward per step, low variance. eulerian: free, exact only for a "
+                                   "perfect flow map."),
             core="weights"),
     Setting(io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
                              tooltip="Recompute each transformer block (FLUX-family models) in the backward pass "

@@ -54,8 +54,8 @@ LOOKAHEADS = {
 @pytest.mark.parametrize("name", list(LOOKAHEADS))
 def test_default_weights_are_exact_for_approximate_lookaheads(name, weights):
     """`auto` must not trust a look-ahead to be the base flow map: ODE(1) is the denoiser and a learned
-    map is approximate. The default (twisted) and advective weights are exact for both; Eulerian
-    weights are not."""
+    map is approximate. The default (per step twisted or advective) and advective weights are exact for
+    both; Eulerian weights are not."""
     truth = GM3.tilt_linear(BETA * A3).mean()
 
     def sampler(weights):
@@ -166,8 +166,9 @@ def steep_reward(x):
 def test_steep_gradient_case_is_exact_with_the_default_weights():
     """Issue 9's steep-gradient case, scaled to CI: 2-D four-component mixture, a near-step reward, beta 2,
     the exact flow map, 20 steps. The continuous-time weights (Eulerian, the old default for flow maps)
-    are biased at this step size; the default twisted weights price every move at its kernel
-    probability and stay within Monte-Carlo bounds over seeds, with the default push taming."""
+    are biased at this step size; the default weights (twisted on quiet steps, pricing every move at its
+    kernel probability; advective elsewhere) stay within Monte-Carlo bounds over seeds, with the
+    default push taming."""
     beta = 2.0
     big = STEEP.sample(400_000, torch.Generator().manual_seed(9))
     truth = torch.softmax(beta * steep_reward(big), 0) @ big
@@ -181,7 +182,7 @@ def test_steep_gradient_case_is_exact_with_the_default_weights():
 
     means, runs = replicate(sampler("auto"), n=500, runs=4, dim=2)
     z = z_max(means, truth)
-    assert z <= stats.t.ppf(1 - 0.001 / 2, 3), f"twisted weights off in the steep case: |z| = {z:.1f}"
+    assert z <= stats.t.ppf(1 - 0.001 / 2, 3), f"default weights off in the steep case: |z| = {z:.1f}"
     assert all(r.ess > 0.2 * 500 for r in runs), "no collapse onto a few particles"
     biased, _ = replicate(sampler("eulerian"), n=500, runs=4, dim=2)
     assert float((biased.mean(0) - truth).norm()) > 2 * float((means.mean(0) - truth).norm())

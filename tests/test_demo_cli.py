@@ -28,11 +28,17 @@ def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
 
 
 def test_every_method_spends_the_same_network_budget():
-    runs, _ = run_demo(particles=16, steps=12, progress=False)
-    reference = next(r.passes for r in runs if r.method.key == "fmtt_exact")
+    """FMTT exact is charged an upper bound (its default weights add a look-ahead forward on the steps
+    they make advective); the baselines spend that charged budget and FMTT exact no more."""
+    runs, settings = run_demo(particles=16, steps=12, progress=False)
+    reference = next(r for r in runs if r.method.key == "fmtt_exact")
+    charged = (1 + 4 * settings["jumps"]) * reference.particles * settings["steps"]
+    assert reference.passes <= charged
     for run in runs:
-        # Rounding of particle counts and FMTT's gradient-free last step: within 10%.
-        assert abs(run.passes - reference) <= 0.1 * reference, (run.method.key, run.passes, reference)
+        assert run.passes <= 1.1 * charged, (run.method.key, run.passes, charged)
+        if run.method.key not in ("fmtt_exact", "fmtt_denoiser"):
+            # Rounding of particle counts and FMTT's gradient-free last step: within 10%.
+            assert abs(run.passes - charged) <= 0.1 * charged, (run.method.key, run.passes, charged)
 
 
 def test_fmtt_exact_beats_base_sampling_at_the_default_budget():
