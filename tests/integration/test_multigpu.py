@@ -134,7 +134,9 @@ def test_the_fmtt_sampler_in_samplercustomadvanced_spreads_too(comfy):
     assert json.loads(spread["outputs"]["counts"]["text"][0]).get("clone 1", 0) > 0
 
 
-def test_a_look_ahead_without_copies_runs_on_the_main_device_with_a_warning(comfy):
+@pytest.mark.parametrize("companion_clones", [False, True])
+def test_a_look_ahead_without_copies_runs_on_the_main_device_with_a_warning(comfy, companion_clones):
+    """A companion runs on the main device; one that carries MultiGPU clones itself keeps its gradient there."""
     seed = next(_seeds)
     companion = {"class_type": "FMTTCompanionLookahead", "inputs": {
         "model": ["schnell", 0], "positive": ["cond", 0], "cfg": 1.0, "steps": 2, "solver": "euler",
@@ -145,6 +147,10 @@ def test_a_look_ahead_without_copies_runs_on_the_main_device_with_a_warning(comf
     plain_prompt["schnell"] = schnell
     prompt, _ = with_clones(ksampler_prompt(seed, lookahead=companion, particles=2))
     prompt["schnell"] = schnell
+    if companion_clones:
+        prompt["schnell_mgpu"] = {"class_type": "FMTTTestMultiGPUClones", "inputs": {
+            "model": ["schnell", 0], "clones": 1, "tag": f"companion{seed}", "fail_after": -1, "fail_kind": "error"}}
+        prompt["look"] = {**companion, "inputs": {**companion["inputs"], "model": ["schnell_mgpu", 0]}}
     plain, spread = ok(comfy.run(plain_prompt)), ok(comfy.run(prompt))
     assert latent_of(spread) == latent_of(plain)
     text = summary_of(spread)
