@@ -221,7 +221,7 @@ class Spread:
     def __init__(self, replica_list: list[Replica], denoisers: list, pool, gradients: bool):
         self.replicas, self.denoisers, self.pool, self.gradients = replica_list, denoisers, pool, gradients
         self.loops = None
-        self.rows = {}  # particles per device of the last call, for the diagnostics
+        self.rows = []  # particles per device of the last call, for the diagnostics
 
     def _loops(self, loop: ParticleLoop) -> list[ParticleLoop]:
         # The main device uses the core's own loop; the others mirror its chunk size and gradient clip.
@@ -262,7 +262,7 @@ class Spread:
             else:
                 results[i] = result
         if failure is not None:
-            raise self._error(*failure)
+            self._raise(*failure)
         for i, _ in jobs:
             if not self.replicas[i].unit.main:
                 for key, value in vars(loops[i].nfe).items():
@@ -276,13 +276,13 @@ class Spread:
             torch.cuda.synchronize(rows.device)
         return out
 
-    def _error(self, i: int, error: BaseException) -> BaseException:
-        if isinstance(error, comfy.model_management.InterruptProcessingException):
-            return error
+    def _raise(self, i: int, error: BaseException):
+        """The main device's errors and interrupts as they are (as in a one-device run); a clone's, naming it."""
         unit = self.replicas[i].unit
-        where = "the main device" if unit.main else f"MultiGPU {unit.name}"
-        return MultiGPUError(f"FMTT: the particles on {unit.device} ({where}) failed: {type(error).__name__}: "
-                             f"{error}")
+        if unit.main or isinstance(error, comfy.model_management.InterruptProcessingException):
+            raise error
+        raise MultiGPUError(f"FMTT: the particles on {unit.device} (MultiGPU {unit.name}) failed: "
+                            f"{type(error).__name__}: {error}") from error
 
     def describe(self) -> str:
         return ", ".join(f"{rep.unit.device} ({rep.unit.name}{', this thread' if rep.unit.main else ''}): "
