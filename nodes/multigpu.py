@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import queue
 from dataclasses import dataclass
 
 import comfy.conds
@@ -32,6 +33,7 @@ from .flux_flow_map import FluxFlowMapLoRALookahead
 from .lookahead_specs import BaseModelLookahead, FlowMapFileLookahead
 
 MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
+POLL_S = 0.25  # how often the calling thread checks for Cancel while it waits for the other devices
 
 
 class MultiGPUError(RuntimeError):
@@ -239,12 +241,12 @@ class Spread:
         starts = [sum(rows[:i]) for i in range(len(rows))]
         jobs = [(i, x[s:s + n]) for i, (s, n) in enumerate(zip(starts, rows)) if n > 0]
         pooled = self.pool.devices if self.pool is not None else []
-        results, submitted = {}, []
+        results, submitted, done = {}, [], queue.Queue()
         for i, block in jobs:  # workers first, so they compute while this thread does the main block
             unit = self.replicas[i].unit
             if not unit.main and unit.device in pooled:
                 loops[i].nfe = NFE()
-                self.pool.submit(unit.device, self._work, loops[i], block.to(unit.device), fn)
+                self.pool.submit(unit.device, self._pooled, done, i, loops[i], block.to(unit.device), fn)
                 submitted.append(i)
         failure = None
         for i, block in jobs:  # the main block, and any device without a pool worker, on this thread
@@ -255,12 +257,14 @@ class Spread:
                     results[i] = self._work(loops[i], block.to(self.replicas[i].unit.device), fn)
                 except BaseException as e:  # noqa: BLE001  (collect the workers before raising)
                     failure = failure or (i, e)
-        for i in submitted:  # every submitted result is collected, so the pool's queues stay in step
-            result, error = self.pool.get_result(self.replicas[i].unit.device)
+        for _ in submitted:
+            i, result, error = _next(done)
             if error is not None:
                 failure = failure or (i, error)
             else:
                 results[i] = result
+        for i in submitted:  # the pool's own (empty) answers, so its queues stay in step for the next call
+            self.pool.get_result(self.replicas[i].unit.device)
         if failure is not None:
             self._raise(*failure)
         for i, _ in jobs:
@@ -268,6 +272,14 @@ class Spread:
                 for key, value in vars(loops[i].nfe).items():
                     loop.nfe.add(key, value)
         return _gather([results[i] for i, _ in jobs], [self.replicas[i].unit.device for i, _ in jobs], x.device)
+
+    def _pooled(self, done: queue.Queue, i: int, loop: ParticleLoop, rows: torch.Tensor, fn) -> None:
+        """A block on a pool worker; its answer goes to this call's own queue, which the caller can stop waiting
+        for (Cancel), unlike the pool's."""
+        try:
+            done.put((i, self._work(loop, rows, fn), None))
+        except BaseException as e:  # noqa: BLE001  (handed to the calling thread, which raises it)
+            done.put((i, None, e))
 
     def _work(self, loop: ParticleLoop, rows: torch.Tensor, fn):
         with this_thread(self.gradients):  # grad mode is per thread: a pool worker starts without ours
@@ -287,6 +299,16 @@ class Spread:
     def describe(self) -> str:
         return ", ".join(f"{rep.unit.device} ({rep.unit.name}{', this thread' if rep.unit.main else ''}): "
                          f"{n} particle(s)" for rep, n in zip(self.replicas, self.rows or [0] * len(self.replicas)))
+
+
+def _next(done: queue.Queue):
+    """The next device's answer. A device that never answers must not hang the run: Cancel still stops it (the
+    sampling then ends, and ComfyUI shuts its pool down)."""
+    while True:
+        try:
+            return done.get(timeout=POLL_S)
+        except queue.Empty:
+            comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def _gather(outputs: list[tuple], devices: list, main_device: torch.device) -> tuple:

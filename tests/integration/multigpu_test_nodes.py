@@ -11,6 +11,7 @@
 """
 import json
 import threading
+import time
 from collections import defaultdict
 
 import comfy.model_management
@@ -21,6 +22,7 @@ from comfy_api.latest import io, ui
 Reward = io.Custom("FMTT_REWARD")
 # tag -> who -> rows: "clone 1", "clone 2", ... for the clones' BaseModels, "reward <n>" for each reward object
 COUNTS: dict = defaultdict(lambda: defaultdict(int))
+HANG_S = 60.0
 THREADS: dict = defaultdict(lambda: defaultdict(set))  # tag -> who -> names of the threads that computed
 
 
@@ -36,6 +38,9 @@ def _counter(tag: str, who: str, fail_after: int, fail_kind: str):
         if 0 <= fail_after < COUNTS[tag][who]:
             if fail_kind == "interrupt":  # what ComfyUI's cancel button does, from inside a worker's model call
                 comfy.model_management.interrupt_current_processing(True)
+            elif fail_kind == "hang":  # a device that stops answering (for HANG_S, then the call goes on)
+                COUNTS[tag]["hanging"] = 1
+                time.sleep(HANG_S)
             else:
                 raise RuntimeError(f"test failure inside the BaseModel of {who}")
     return hook
@@ -49,7 +54,8 @@ class TestMultiGPUClones(io.ComfyNode):
                                  io.Int.Input("clones", default=1, min=1, max=4),
                                  io.String.Input("tag", default="mgpu"),
                                  io.Int.Input("fail_after", default=-1, min=-1, max=10**6),
-                                 io.Combo.Input("fail_kind", options=["error", "interrupt"], default="error")],
+                                 io.Combo.Input("fail_kind", options=["error", "interrupt", "hang"],
+                                                default="error")],
                          outputs=[io.Model.Output()])
 
     @classmethod

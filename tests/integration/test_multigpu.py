@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import time
 
 import pytest
 
@@ -174,4 +175,23 @@ def test_an_interrupt_inside_a_device_stops_the_run(comfy):
     entry = comfy.run(prompt)
     messages = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in messages, messages
+    ok(comfy.run(ksampler_prompt(next(_seeds), particles=2)))
+
+
+def test_cancel_stops_a_run_whose_device_hangs(comfy):
+    """A clone that stops answering (sleeps inside its model call) must not hang the run: Cancel ends it while the
+    device is still stuck, and the server keeps serving."""
+    prompt, _ = with_clones(ksampler_prompt(next(_seeds), particles=4, chunk_size=2, steps=6), fail_after=4,
+                            fail_kind="hang")
+    status, body = comfy.submit(prompt)
+    assert status == 200
+    deadline = time.time() + 60
+    while comfy.get("/queue")["queue_running"] == [] and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(5.0)  # well past the clone's second call, where it hangs
+    sent = time.time()
+    comfy.post("/interrupt", {})
+    entry = comfy.wait(body["prompt_id"], timeout=40)
+    assert time.time() - sent < 20, "the run did not stop while the device hung"
+    assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     ok(comfy.run(ksampler_prompt(next(_seeds), particles=2)))
