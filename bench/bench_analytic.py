@@ -144,6 +144,7 @@ METHODS = [
     Method("FMTT denoiser, eulerian w", fc.fmtt_sample, True, True, "mean", {"weights": "eulerian"}, _denoiser),
     Method("FMTT denoiser, twisted w", fc.fmtt_sample, True, True, "mean", {"weights": "twisted"}, _denoiser),
     Method("FMTT flow map, advective w", fc.fmtt_sample, True, True, "mean", {"weights": "advective"}, _flow_map),
+    Method("FMTT flow map, twisted w", fc.fmtt_sample, True, True, "mean", {"weights": "twisted"}, _flow_map),
     Method("FMTT zero-order flow map", fc.fmtt_sample, True, True, "mean", {"mode": "zero_order"}, _flow_map),
     Method("FMTT search flow map", fc.fmtt_sample, False, False, "population", {"mode": "search"}, _flow_map),
     Method("FK steering diff", fc.fk_steering, True, True, "mean", options=_fk("diff")),
