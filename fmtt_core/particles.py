@@ -19,9 +19,10 @@ from .nfe import NFE
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 
-# Where a ParticleLoop's gradient passes run. None: here, chunk by chunk. An adapter that holds copies of the models
-# on other devices (the ComfyUI pack's MultiGPU support) sets `spread(loop, x, fn)`: it runs fn(replica_loop, rows)
-# for consecutive row blocks of x, each on its device, and returns what fn(loop, x) would, rows in order.
+# Where a ParticleLoop's model calls (evaluate, lookahead_reward) run. None: here, chunk by chunk. An adapter that
+# holds copies of the models on other devices (the ComfyUI pack's MultiGPU support) sets `spread(loop, x, fn)`: it
+# runs fn(replica_loop, rows) for consecutive row blocks of x, each on its device, and returns what fn(loop, x)
+# would, rows in order.
 SPREAD: contextvars.ContextVar = contextvars.ContextVar("fmtt_spread", default=None)
 
 
