@@ -5,6 +5,7 @@ on the same NFE counter. "reward" here is always the user's reward r (never the 
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,34 @@ from .lookahead import Denoiser
 from .nfe import NFE
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Where a ParticleLoop's model calls (evaluate, lookahead_reward) run. None: here, chunk by chunk. An adapter that
+# holds copies of the models on other devices (the ComfyUI pack's MultiGPU support) sets `spread(loop, x, fn)`: it
+# runs fn(replica_loop, rows) for consecutive row blocks of x, each on its device, and returns what fn(loop, x)
+# would, rows in order.
+SPREAD: contextvars.ContextVar = contextvars.ContextVar("fmtt_spread", default=None)
+
+
+def split_rows(n: int, chunk: int | None, speeds: list[float]) -> list[int]:
+    """How many of n particles each worker (device) evaluates, in order, for a spread over workers with these
+    relative speeds. Workers get whole chunks of `chunk` rows (None: single rows), so every batch is one that a
+    single worker would also run; the number of chunks is shared in proportion to the speeds, rounded by largest
+    remainder (ComfyUI's load_balance_devices rule). The last, partial chunk goes to the last worker with chunks;
+    a slow worker may get none."""
+    if n < 1 or not speeds or any(not math.isfinite(s) or s < 0 for s in speeds) or sum(speeds) <= 0:
+        raise FMTTInputError(f"cannot split {n} particles over workers with relative speeds {speeds}: need n >= 1 "
+                             "and finite speeds >= 0, not all zero.")
+    size = min(chunk or 1, n)
+    chunks = -(-n // size)
+    share = [chunks * s / sum(speeds) for s in speeds]
+    counts = [int(w) for w in share]
+    by_remainder = sorted(range(len(share)), key=lambda i: share[i] - counts[i], reverse=True)
+    for i in by_remainder[:chunks - sum(counts)]:
+        counts[i] += 1
+    rows = [c * size for c in counts]
+    last = max(i for i, c in enumerate(counts) if c)
+    rows[last] -= chunks * size - n
+    return rows
 
 
 def check_particles(x_init: torch.Tensor) -> None:
@@ -82,8 +111,15 @@ class ParticleLoop:
         """-> (D [N,...], R [N] look-ahead reward or None, g [N,...] = grad_x (grad_scale * R) or None).
 
         grad_scale = 0 skips the backward pass. Particles whose reward or gradient is not finite get
-        R = -inf (weight zero) and g = 0.
+        R = -inf (weight zero) and g = 0. Spread over devices when SPREAD is set.
         """
+        spread = SPREAD.get()
+        if spread is None:
+            return self.evaluate_here(x, t, look=look, grad_scale=grad_scale)
+        return spread(self, x, lambda loop, rows: loop.evaluate_here(rows, t, look=look, grad_scale=grad_scale))
+
+    def evaluate_here(self, x: torch.Tensor, t: float, *, look: bool, grad_scale: float = 0.0):
+        """evaluate() with this loop's own models, chunk by chunk."""
         ds, rs, gs = [], [], []
         for xc in self._chunks(x):
             tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
@@ -128,7 +164,13 @@ class ParticleLoop:
 
     def lookahead_reward(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """r(X_{t,1}(x)) in chunks, without gradient -> float64 [N] on the CPU (-inf where not finite);
-        at t = 1 the look-ahead is the identity."""
+        at t = 1 the look-ahead is the identity. Spread over devices when SPREAD is set."""
+        spread = SPREAD.get()
+        if spread is None:
+            return self.lookahead_reward_here(x, t)
+        return spread(self, x, lambda loop, rows: (loop.lookahead_reward_here(rows, t),))[0]
+
+    def lookahead_reward_here(self, x: torch.Tensor, t: float) -> torch.Tensor:
         out = []
         with torch.no_grad():
             for xc in self._chunks(x):

@@ -161,11 +161,23 @@ def differentiable(modules: list[torch.nn.Module], enabled: bool = True, block_c
         saved_flag = comfy.model_management.in_training
         comfy.model_management.in_training = True
         try:
-            with _frozen(modules), torch.enable_grad(), _clone_saved_activations():
+            with _frozen(modules), this_thread(True):
                 with _recomputed_blocks(modules) if block_checkpointing else contextlib.nullcontext():
                     yield
         finally:
             comfy.model_management.in_training = saved_flag
+
+
+@contextlib.contextmanager
+def this_thread(enabled: bool = True):
+    """The part of differentiable() that torch keeps per thread (inference mode, grad mode, saved-tensor hooks): a
+    worker thread running model calls inside differentiable() (the MultiGPU spread) enters it itself."""
+    with torch.inference_mode(False):
+        if not enabled:
+            yield
+            return
+        with torch.enable_grad(), _clone_saved_activations():
+            yield
 
 
 def normal_tensor(t):

@@ -9,6 +9,7 @@ particles to hand back.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -25,7 +26,8 @@ from comfy_execution.utils import get_executing_context
 from server import PromptServer
 
 from ..fmtt_core import FMTTInputError, fmtt_sample
-from . import memory_guard
+from ..fmtt_core.particles import SPREAD
+from . import memory_guard, multigpu
 from .autograd import differentiable, normal_tensor
 from .clocks import clock_of, core_denoiser, family_of, guided_parts
 from .decoding import vae_decoder
@@ -96,6 +98,8 @@ class Sampling:
     seed: int
     chunk_size: int
     on_step: object        # progress / preview / interrupt, called after each step
+    replicas: list | None = None  # per device models when the particles are spread over MultiGPU clones
+    pool: object = None           # ComfyUI's MultiGPUThreadPool for those devices
 
     @property
     def times(self) -> torch.Tensor:
@@ -116,12 +120,19 @@ class Sampling:
                 initial_particles(self.model, self.x, b, self.settings.particles, self.seed, self.base_model,
                                   float(self.sigmas[0])),
                 self.sigmas[0].to(self.x.device))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = fmtt_sample(denoiser, x_init, self.times, reward=s.reward,
-                                 lookahead=self.spec.build(denoiser, companion), decoder=self.decode,
-                                 config=s.config(particle_seed(self.seed, b, STREAM_SAMPLER), self.chunk_size),
-                                 callback=lambda info: self.on_step(b, info))
+        spread = self._spread(b, denoiser)
+        token = SPREAD.set(spread)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = fmtt_sample(denoiser, x_init, self.times, reward=s.reward,
+                                     lookahead=self.spec.build(denoiser, companion), decoder=self.decode,
+                                     config=s.config(particle_seed(self.seed, b, STREAM_SAMPLER), self.chunk_size),
+                                     callback=lambda info: self.on_step(b, info))
+        finally:
+            SPREAD.reset(token)
+        if spread is not None:
+            diag.devices = spread.describe()
         diag.runs.append(result)
         similar = {}  # the core warns per step: one line per kind of warning, with how often it came
         for w in caught:
@@ -137,6 +148,16 @@ class Sampling:
                              seed=particle_seed(self.seed, b, STREAM_PICK))
         return picked.detach()
 
+    def _spread(self, b: int, denoiser):
+        """The particles' spread over the MultiGPU devices for latent b (None: all on this device)."""
+        if not self.replicas:
+            return None
+        denoisers = [denoiser if rep.unit.main else
+                     core_denoiser(latent_model_fn(*multigpu.device_call(self.model, self.extra_args, rep.unit), b),
+                                   self.clock)
+                     for rep in self.replicas]
+        return multigpu.Spread(self.replicas, denoisers, self.pool, self.settings.needs_gradient())
+
     def _check_range(self, b: int, samples: torch.Tensor, x_init: torch.Tensor) -> None:
         """Flag final particles that are not finite or far outside the range of anything the model makes."""
         reach = samples.detach().float().flatten(1).abs().amax(1)
@@ -149,9 +170,6 @@ class Sampling:
                 f"[{b}] {int(bad.sum())} of {reach.numel()} final particles are far outside the model's range "
                 f"(largest |x| {largest}, the starting noise reaches {scale:.3g}): the steering blew them up. "
                 "Lower reward_scale or eta, use more steps, or set grad_clip.")
-
-
-MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
 
 
 def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -169,12 +187,20 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))
     options = extra_args.get("model_options", {})
-    if any(key in options for key in MULTIGPU_KEYS):
-        # ComfyUI's MultiGPU path splits conds over devices under torch.no_grad(): the reward gradient would
-        # silently vanish. Run the population on the main device instead, and say so.
-        extra_args["model_options"] = {k: v for k, v in options.items() if k not in MULTIGPU_KEYS}
-        diag.warn("MultiGPU CFG Split is not used by FMTT yet: every particle runs on the main device "
-                  "(results are the same as without it; see the README's distributed section).")
+    replicas, pool = None, None
+    if any(key in options for key in multigpu.MULTIGPU_KEYS):
+        # ComfyUI's own MultiGPU path splits conds over devices under torch.no_grad() (the tilt gradient would
+        # vanish): every model call FMTT makes goes to one device's BaseModel, and FMTT spreads the particles.
+        extra_args["model_options"] = multigpu.without_multigpu(options)
+        units = multigpu.units(guider, options)
+        why = (multigpu.spreadable(spec, settings.reward) if len(units) > 1
+               else "ComfyUI loaded no MultiGPU clone for this run")
+        if why is None:
+            replicas = multigpu.replicas(units, settings, spec, base_model, decode, vae_module)
+            pool = options.get("multigpu_thread_pool")
+        else:
+            diag.warn(f"MultiGPU: every particle runs on the main device, because {why} (results are the same as "
+                      "without MultiGPU).")
     steps = len(sigmas) - 1
     pbar = None if callback is not None else comfy.utils.ProgressBar(steps * x.shape[0])
 
@@ -187,12 +213,15 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
             pbar.update_absolute(b * steps + info["step"] + 1, steps * x.shape[0])
 
     run = Sampling(settings, model, x, sig, clock, base_model, decode, spec, extra_args,
-                   int(extra_args.get("seed") or 0), plan.chunk_size, on_step)
-    base_modules = [base_model.diffusion_model, vae_module] + list(spec.modules())
+                   int(extra_args.get("seed") or 0), plan.chunk_size, on_step, replicas, pool)
+    base_modules = ([base_model.diffusion_model, vae_module] + list(spec.modules())
+                    + [m for rep in replicas or [] for m in rep.modules])
 
     def body(companion=None, companion_modules=()):
         with differentiable(base_modules + list(companion_modules), settings.needs_gradient(),
-                            settings.block_checkpointing):
+                            settings.block_checkpointing), contextlib.ExitStack() as devices:
+            for rep in replicas or []:
+                devices.enter_context(rep.prepared())
             return run.run(companion)
 
     try:

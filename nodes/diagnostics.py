@@ -22,10 +22,11 @@ class Diagnostics:
     sigmas: list = field(default_factory=list)
     memory: str = ""  # the chunk size chosen and why (fmtt_core.memory.MemoryPlan)
     warnings: list = field(default_factory=list)  # what went wrong in this run, in words for the user
+    devices: str = ""  # how the particles were spread over MultiGPU devices ("" : one device)
 
     def reset(self, settings: dict, sigmas, memory: str = "") -> None:
         self.runs, self.settings, self.seconds, self.sigmas = [], settings, 0.0, [float(s) for s in sigmas]
-        self.memory, self.warnings = memory, []
+        self.memory, self.warnings, self.devices = memory, [], ""
 
     def warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -116,7 +117,8 @@ def _settings_lines(diag: Diagnostics) -> list[str]:
             f"{len(diag.runs)} population(s) x {run.log_weights.numel()} particles, {len(run.trace)} steps, "
             f"eta {s.get('eta')}, ESS threshold {s.get('ess_threshold')}, {s.get('resampling')} resampling, "
             f"output: {s.get('output')}",
-            f"time {diag.seconds:.1f} s; memory: {diag.memory or 'not planned'}"]
+            f"time {diag.seconds:.1f} s; memory: {diag.memory or 'not planned'}"] + (
+            [f"MultiGPU: particles per step on {diag.devices}"] if diag.devices else [])
 
 
 def _population_line(b: int, run) -> str:

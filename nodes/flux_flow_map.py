@@ -166,13 +166,14 @@ class FluxFlowMapPatch:
         return copies
 
     @contextlib.contextmanager
-    def installed(self, base_model):
-        """Hooks on the loaded model's modules for the duration of a sampling run; they act only while `active`."""
+    def installed(self, base_model, device=None):
+        """Hooks on the loaded model's modules for the duration of a sampling run; they act only while `active`.
+        device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own device)."""
         if dict(base_model.model_config.unet_config) != self.unet_config:
             raise FMTTInputError("FMTT: the flow-map LoRA look-ahead was loaded on another model than the one being "
                                  "sampled; connect the same FLUX.1-dev MODEL to both.")
         dm = base_model.diffusion_model
-        device = comfy.model_management.get_torch_device()
+        device = device if device is not None else comfy.model_management.get_torch_device()
         dtype = base_model.get_dtype_inference()
         dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
         saved = []

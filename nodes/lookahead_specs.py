@@ -116,6 +116,10 @@ class CompanionModelLookahead(_Plain):
             check_companion(base_model, companion_base)
             clock = clock_of(companion_base.model_sampling, family_of(companion_base))
             extra_args = dict(extra_args or {})
+            # A companion MODEL with MultiGPU clones: ComfyUI's cond-splitting call runs under no_grad and would drop
+            # the gradient through the look-ahead; the companion computes on the main device (nodes/multigpu.py).
+            extra_args["model_options"] = {k: v for k, v in extra_args.get("model_options", {}).items()
+                                           if k not in ("multigpu_clones", "multigpu_thread_pool")}
             fn = lambda xc, sigma: model(xc, sigma, **extra_args)  # noqa: E731
             box["out"] = body(core_denoiser(fn, clock), [companion_base.diffusion_model])
             return x
