@@ -115,7 +115,8 @@ def _settings_lines(diag: Diagnostics) -> list[str]:
     return [f"FMTT {s.get('mode')} | reward: {s.get('reward')} x {s.get('reward_scale')} | "
             f"look-ahead: {s.get('lookahead')}",
             f"{len(diag.runs)} population(s) x {run.log_weights.numel()} particles, {len(run.trace)} steps, "
-            f"eta {s.get('eta')}, ESS threshold {s.get('ess_threshold')}, {s.get('resampling')} resampling, "
+            f"eta {s.get('eta')}, {s.get('sde_step')} SDE step, ESS threshold {s.get('ess_threshold')}, "
+            f"{s.get('resampling')} resampling, "
             f"output: {s.get('output')}",
             f"time {diag.seconds:.1f} s; memory: {diag.memory or 'not planned'}"] + (
             [f"MultiGPU: particles per step on {diag.devices}"] if diag.devices else [])

@@ -206,6 +206,18 @@ def test_same_seed_same_result_and_chunking_does_not_change_it(comfy):
     assert first != other
 
 
+def test_the_sde_step_setting_reaches_the_core(comfy):
+    """sde_step picks the core's integrator: the summary names it, and with noise (eta > 0) the 2m step's
+    correction from the previous model call moves the result away from Euler-Maruyama's, same seed."""
+    seed = fresh_seed()
+    runs = {step: ok(comfy.run(ksampler_prompt(seed, particles=2, steps=5, eta=0.5, sde_step=step)))
+            for step in ("euler", "2m")}
+    for step, entry in runs.items():
+        assert f"{step} SDE step" in entry["outputs"]["summary"]["text"][0]
+    euler, second_order = (latent_of(runs[step])[1] for step in ("euler", "2m"))
+    assert max(abs(x - y) for x, y in zip(euler, second_order)) > 1e-3
+
+
 def test_img2img_with_denoise_below_one(comfy):
     p = ksampler_prompt(fresh_seed(), particles=2, steps=4)
     p["img"] = {"class_type": "LoadImage", "inputs": {"image": "tiny_image.png"}}
