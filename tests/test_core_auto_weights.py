@@ -105,3 +105,26 @@ def test_auto_measures_the_eulerian_defect_on_its_advective_steps():
     measured = [s for s in res.trace if s.rule == "advective"]
     assert measured and all(not math.isnan(s.defect) for s in measured)
     assert all(math.isnan(s.defect) for s in res.trace if s.rule == "twisted")
+
+
+@pytest.mark.slow
+def test_no_single_particle_takes_over_in_the_authors_setting():
+    """The ring in the authors' setting (ramp tilt 0.1, eta 0.1, ESS threshold 0.9, 50 steps): a step is
+    twisted only if its noisiest particle is quiet. Judged by the population mean instead, single
+    particles with large twisted noise got through and spoilt 2 of these 6 seeds (mean error 1.47 and
+    0.71 in units of the std); now every seed is close and the weighted mean is within bounds."""
+    import test_core_exactness as ex
+
+    name, gm, reward, tilted = ex.CASES[0]
+    truth = tilted(1.0)
+
+    def sampler(x0, seed):
+        cfg = fc.FMTTConfig(reward_scale=1.0, tilt=fc.RampTilt(0.1), eta=0.1, ess_threshold=0.9, seed=seed)
+        return fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(50), reward=reward, lookahead=ex.flow_map(gm),
+                              config=cfg)
+
+    means, _, runs = ex.replicate(sampler, gm, 1024)
+    errors = ((means - truth.mean()).abs() / truth.cov().diagonal().sqrt()).mean(1)
+    assert float(errors.max()) < 0.3, errors
+    assert ex.within_ci(means, truth.mean())[0]
+    assert all(r.rule_counts.get("twisted", 0) > 0 and r.rule_counts.get("advective", 0) > 0 for r in runs)
