@@ -21,7 +21,7 @@ from .config import FMTTConfig
 from .particles import ParticleLoop, count_valid
 from .population import Population
 from .result import FMTTResult, StepTrace
-from .sde import MULTISTEP, base_kernel, push_ratio, sde_step
+from .sde import MULTISTEP, push_ratio, sde_step, step_noise
 from .weights import WeightRule, eulerian_defect
 
 STEEP_PUSH = 40.0  # a heuristic: passing analytic runs reach ~25x; runs spoilt by one jump ~45x (bench)
@@ -71,7 +71,7 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         reward_max = reward_max if reward_max > -math.inf else math.nan
 
         if g is not None and rule.claims_weights and not warned:
-            warned = _warn_steep_push(g, x, d, t, t_next, cfg)
+            warned = _warn_steep_push(g, t, t_next, cfg)
         move = sde_step(x, d, t, t_next, cfg.eta, pop.noise(x, k), g, cfg.sde_step,
                         cfg.max_push if rule.claims_weights else None, prev)
         x, prev = move.x, ((t, d) if cfg.sde_step in MULTISTEP else None)
@@ -93,7 +93,7 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
 
 def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:
     """Weighted RMS Eulerian defect: free on advective steps, else on `defect_probe` particles."""
-    if getattr(rule, "last_defect", None) is not None:
+    if rule.last_defect is not None:
         dr = rule.last_defect
     elif cfg.defect_probe > 0:
         p = max(0, min(cfg.defect_probe - pop.start, x.shape[0]))  # this shard's rows among the first probed
@@ -105,10 +105,10 @@ def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:
     return math.sqrt(pop.weighted_mean(torch.where(ok, w, 0.0), torch.where(ok, dr, 0.0) ** 2))
 
 
-def _warn_steep_push(g, x, d, t, t_next, cfg) -> bool:
+def _warn_steep_push(g, t, t_next, cfg) -> bool:
     """Warn once when the tilt's push dwarfs the step's noise: untamed, the weights cannot correct such a
     jump; tamed, they do, but the correction then makes them degenerate."""
-    _, sigma = base_kernel(x, d, t, t_next, cfg.eta, cfg.sde_step)
+    sigma = step_noise(t, t_next, cfg.eta, cfg.sde_step)
     ratio = push_ratio(g, sigma)
     if ratio <= STEEP_PUSH:
         return False

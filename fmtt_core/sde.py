@@ -50,23 +50,33 @@ from .schedules import noise_level
 MULTISTEP = ("2m",)  # steps that read the last step's D (chain.run_chain keeps it per particle)
 
 
+def step_noise(t: float, t_next: float, eta: float, kind: str = "exponential") -> float:
+    """sigma of the step from t to t_next: it depends on the times alone (0 for the jump onto D at t = 1)."""
+    if t_next >= 1.0:
+        return 0.0
+    if kind == "euler":
+        return math.sqrt(2 * noise_level(t, eta) * (t_next - t))
+    rho = (1 - t_next) / (1 - t)
+    return (1 - t_next) * math.sqrt(max(0.0, 1 - rho ** (2 * eta)))
+
+
 def base_kernel(x, denoised, t: float, t_next: float, eta: float, kind: str = "exponential", prev=None):
     """(mean [N, ...], sigma) of the untilted step from t to t_next. prev = (t_prev, D_prev): the last
     step's denoiser output for these particles, used by "2m" (None: the first step)."""
+    sigma = step_noise(t, t_next, eta, kind)
     if t_next >= 1.0:
-        return denoised, 0.0
-    h, eps = t_next - t, noise_level(t, eta)
+        return denoised, sigma
     if kind == "euler":
-        drift = velocity_from_denoiser(x, denoised, t)
+        drift, eps = velocity_from_denoiser(x, denoised, t), noise_level(t, eta)
         if eps > 0:
             drift = drift + eps * score_from_denoiser(x, denoised, t)
-        return x + h * drift, math.sqrt(2 * eps * h)
+        return x + (t_next - t) * drift, sigma
     rho = (1 - t_next) / (1 - t)
     mean = t_next * denoised + rho ** (1 + eta) * (x - t * denoised)
     if kind == "2m" and prev is not None:
         t_prev, d_prev = prev
         mean = mean + multistep_weight(t, t_next, eta) * (denoised - d_prev) / (t - t_prev)
-    return mean, (1 - t_next) * math.sqrt(max(0.0, 1 - rho ** (2 * eta)))
+    return mean, sigma
 
 
 def multistep_weight(t: float, t_next: float, eta: float) -> float:

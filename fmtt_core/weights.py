@@ -35,13 +35,14 @@ import math
 import torch
 
 from .population import Population
-from .sde import base_kernel
+from .sde import base_kernel, step_noise
 
 
 class WeightRule:
     claims_weights = True
     prices_push = False
     step_rule = ""        # the increment used at the current step, for the trace
+    last_defect = None    # the Eulerian defect per particle, where the current step measured it
 
     def __init__(self, pop: Population, ess_threshold: float = 0.5, scheme: str = "systematic"):
         self.pop, self.ess_threshold, self.scheme = pop, ess_threshold, scheme
@@ -151,21 +152,25 @@ def eulerian_defect(loop, x, d, r, t: float, t_next: float) -> torch.Tensor:
     return loop.lookahead_reward(x_ode, t_next) - r
 
 
+def advective_increment(loop, lam, beta, times, k, r, x, d):
+    """(beta (lambda_{k+1} r_{t'}(x + h b) - lambda_k r_t(x)), the defect r_{t'}(x + h b) - r_t(x)): the
+    advective derivative of beta lambda_t r_t along the ODE step."""
+    defect = eulerian_defect(loop, x, d, r, float(times[k]), float(times[k + 1]))
+    return beta * (float(lam[k + 1]) * (r + defect) - float(lam[k]) * r), defect
+
+
 class AdvectiveWeights(JarzynskiRule):
-    """beta (lambda_{k+1} r_{t'}(x + h b) - lambda_k r_t(x)): the advective derivative along the ODE step."""
+    """advective_increment at every step: exact as h -> 0 for any look-ahead."""
 
     step_rule = "advective"
 
     def __init__(self, pop, lam, beta, times, loop, **kw):
         super().__init__(pop, **kw)
         self.lam, self.beta, self.times, self.loop = lam, beta, times, loop
-        self.last_defect = None
 
     def jarzynski(self, k, r, x, d):
-        t, t_next = float(self.times[k]), float(self.times[k + 1])
-        self.last_defect = eulerian_defect(self.loop, x, d, r, t, t_next)
-        r_next = r + self.last_defect
-        return self.beta * (float(self.lam[k + 1]) * r_next - float(self.lam[k]) * r)
+        inc, self.last_defect = advective_increment(self.loop, self.lam, self.beta, self.times, k, r, x, d)
+        return inc
 
 
 class FKWeights(WeightRule):
@@ -278,28 +283,27 @@ class AutoWeights(WeightRule):
     def tilted(self, k, g):
         self.force = g
 
-    def _noise_rate(self, x, d, k) -> float:
+    def _noise_rate(self, k) -> float:
         """Largest (sigma |g| / 2)^2 / h over the particles: the twisted increment's noise variance per unit
         time for the particle the tilt pushes hardest. The largest, not the mean: one particle with a large
         twisted increment is enough to take over the weights."""
         if self.force is None:
             return 0.0
         t, t_next = float(self.times[k]), float(self.times[k + 1])
-        _, sigma = base_kernel(x, d, t, t_next, self.eta, self.sde_step)
+        sigma = step_noise(t, t_next, self.eta, self.sde_step)
         push2 = (0.5 * sigma * self.force.flatten(1).double().norm(dim=1).cpu()) ** 2
         return float(self.pop.max(torch.nan_to_num(push2, nan=0.0, posinf=math.inf))) / (t_next - t)
 
     def increment(self, k, r, x, d):
         lam_r = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
         inc = (lam_r - self.potential if self.twisted_open else 0.0) + self.pending
-        self.twisted_open = self._noise_rate(x, d, k) <= self.quiet
+        self.twisted_open = self._noise_rate(k) <= self.quiet
         self.step_rule, self.last_defect = ("twisted" if self.twisted_open else "advective"), None
         if self.twisted_open:
             self.potential = lam_r
         else:
-            t, t_next = float(self.times[k]), float(self.times[k + 1])
-            self.last_defect = eulerian_defect(self.loop, x, d, r, t, t_next)
-            inc = inc + self.beta * (float(self.lam[k + 1]) * (r + self.last_defect) - float(self.lam[k]) * r)
+            advective, self.last_defect = advective_increment(self.loop, self.lam, self.beta, self.times, k, r, x, d)
+            inc = inc + advective
         self.pending = torch.zeros_like(self.pending)
         return _finite_or_neginf(inc, r)
 
