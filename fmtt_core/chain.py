@@ -25,6 +25,9 @@ from .sde import MULTISTEP, push_ratio, sde_step, step_noise
 from .weights import WeightRule, eulerian_defect
 
 STEEP_PUSH = 40.0  # a heuristic: passing analytic runs reach ~25x; runs spoilt by one jump ~45x (bench)
+# Warn when more than this share of the weighted steps used Jarzynski (O(h)) increments: the run's bias is then
+# that of advective weights (measured in bench/results/weights.md), not the exactness of twisted ones.
+APPROXIMATE_DOMINANT = 0.5
 
 
 def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch.Tensor, cfg: FMTTConfig,
@@ -88,7 +91,21 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
         log_w = pop.normalize(log_w + rule.final(torch.nan_to_num(final_r, nan=-math.inf)))
     else:
         log_w = torch.full((pop.count,), -math.log(pop.size), dtype=torch.float64)
-    return FMTTResult(pop.gather(x), pop.gather(log_w), pop.gather(final_r), trace, loop.nfe, method, thermo)
+    result = FMTTResult(pop.gather(x), pop.gather(log_w), pop.gather(final_r), trace, loop.nfe, method, thermo)
+    _warn_approximate(result)
+    return result
+
+
+def _warn_approximate(result: FMTTResult) -> None:
+    """Warn when Jarzynski steps dominate the run: its weights are then consistent (exact as steps -> 0),
+    not exact for the grid used."""
+    share = result.approximate_share
+    if share > APPROXIMATE_DOMINANT:
+        counts = ", ".join(f"{k} {v}" for k, v in result.rule_counts.items())
+        warnings.warn(f"FMTT: {share:.0%} of the steps used approximate (Jarzynski) weights ({counts}): exact only "
+                      "as the steps shrink, with an O(h) bias at this step count (bench/results/weights.md: up to "
+                      "10+ standard errors at 20-50 steps). For weights exact at this step count use "
+                      "weights='twisted'; otherwise use more steps.", RuntimeWarning, stacklevel=3)
 
 
 def _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) -> float:

@@ -10,7 +10,7 @@ from .schedules import LinearTilt
 from .smc import SCHEMES
 
 MODES = ("exact", "search", "zero_order")
-WEIGHTS = ("auto", "twisted", "advective", "eulerian")
+WEIGHTS = ("auto", "twisted", "doob", "advective", "eulerian")
 SDE_STEPS = ("exponential", "euler", "2m")
 
 
@@ -18,9 +18,11 @@ SDE_STEPS = ("exponential", "euler", "2m")
 class FMTTConfig:
     """User parameters of the samplers (FMTT and the baselines read the fields they use).
 
-    mode: "exact" (gradient tilt + weights + adaptive resampling: samples the base chain's law * exp(beta r)),
-          "zero_order" (no gradient, same weights: still exact, FK-style with look-ahead potentials),
-          "search" (gradient tilt + top-k selection on look-ahead reward: finds high-reward samples).
+    mode: "exact" (gradient tilt + importance weights + adaptive resampling; samples the discretised base chain's
+          law * exp(beta r): exactly, for the step count used, with weights "twisted" / "doob"; up to an O(h)
+          bias with the Jarzynski weights "advective" / "eulerian" / "auto", see `weights`),
+          "zero_order" (no gradient, telescoping look-ahead potentials: exact for the step count used),
+          "search" (gradient tilt + top-k selection on look-ahead reward: finds high-reward samples, no weights).
     reward_scale: beta, the tilt's inverse temperature (the guidance scale for guidance_sample).
     tilt: lambda schedule (LinearTilt, RampTilt(t_ramp)).
     eta: stochasticity, eps_t = eta * (1 - t); 0 is the ODE (no gradient drift then).
@@ -39,18 +41,24 @@ class FMTTConfig:
           gradient cannot throw a particle across the space in one step. None: off.
     search_steps: number of top-k selections in search mode, spread over the first 3/4 of the grid.
     search_keep: particles kept at each search selection (default N // 4, at least 1).
-    weights: "auto" (default): per step, the rule that suits it (weights.AutoWeights): "twisted" where the
-          step is quiet (the tilt's push small against the step's noise), "advective" where it is not. Both
-          carry the tilted marginal from step to step, so mixing them keeps the run exact (twisted: at any
-          step size; advective: as steps shrink); FMTTResult.rule_counts says how a run was split.
-          "twisted": discrete-time weights, the base-to-proposal kernel ratio times look-ahead potentials,
-          as in twisted SMC; exact at any step size for any look-ahead and free, but they degenerate where
-          sigma |grad r_t| is large (steep rewards, little noise: they collapse in bench/bench_toy.py).
-          "advective": dA = (d_t + b.grad) r_t dt, exact as steps -> 0 for ANY look-ahead, one more
-          look-ahead forward per step, no backward; for a flow map it is the Eulerian form plus the
-          look-ahead's defect. "eulerian": dA = lambda' r dt, free, exact only for a perfect flow map
-          (check the trace's Eulerian defect before trusting it). Measured: tests/test_core_hard_cases.py,
-          test_core_auto_weights.py, bench/bench_steps.py, bench/bench_toy.py.
+    weights: how exact mode weighs each step (docs/weights.md; measured in bench/results/weights.md).
+          Exact for the step count used (the weighted population targets the discretised base chain's law
+          * exp(beta r) at any grid, for any look-ahead, any push, taming and clipping included):
+          "twisted" (default): beta (lambda_k r_k - lambda_{k-1} r_{k-1}) + log base / proposal kernel, the
+          discrete-time weights of twisted SMC; free. Their log-weights carry noise of variance
+          (sigma |grad r_t| / 2)^2 per step, so they resample often where the tilt is steep against the noise
+          (the authors' toy: 18 of 20 steps) while still reaching the tilted reward.
+          "doob": the same weights with the push doubled (2 eps grad r_t, the Doob-type proposal), which
+          cancels that noise to first order: fewer resamplings on smooth rewards, worse than twisted on steep
+          ones (the linearisation fails there).
+          Consistent only (Jarzynski weights: exact as the steps shrink, an O(h) bias at a finite grid,
+          measured 4-12 standard errors at 20 steps and still several at 50-100 on the bench's targets):
+          "advective": dA = (d_t + b.grad) r_t dt for any look-ahead, one more look-ahead forward per step.
+          "eulerian": dA = lambda' r dt, free, for a perfect flow map only (check the trace's Eulerian defect).
+          "auto": per step twisted where the tilt's push is small against the step's noise, advective where it
+          is not (weights.AutoWeights); any mix with advective steps is consistent, not exact.
+          FMTTResult.rule_counts and approximate_share say how a run was split; the chain warns when
+          Jarzynski steps dominate.
     defect_probe: particles on which the Eulerian defect r_{t+h}(x + h b) - r_t(x) is measured each
           step for the trace (one look-ahead forward each; 0: off; free under advective weights).
     seed: seeds the sampler's own random streams (SDE noise, resampling); no global RNG is touched.
@@ -68,7 +76,7 @@ class FMTTConfig:
     max_push: float | None = 4.0
     search_steps: int = 3
     search_keep: int | None = None
-    weights: str = "auto"
+    weights: str = "twisted"
     defect_probe: int = 0
     seed: int = 0
 
@@ -96,7 +104,7 @@ class FMTTConfig:
         if self.mode != "exact" and self.weights not in ("auto", "twisted"):
             raise FMTTInputError(f"weights={self.weights!r} applies to mode 'exact' only: {self.mode} mode uses "
                                  "its own rule (zero_order: look-ahead potentials; search: selection). Leave "
-                                 "weights at 'auto'.")
+                                 "weights at 'twisted'.")
         if self.defect_probe < 0:
             raise FMTTInputError(f"defect_probe must be >= 0, got {self.defect_probe}.")
         if self.mode == "search":

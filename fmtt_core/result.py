@@ -9,6 +9,7 @@ import torch
 from .errors import FMTTInputError
 from .nfe import NFE
 from .smc import ess, resample_indices
+from .weights import APPROXIMATE_RULES
 
 
 @dataclass
@@ -62,6 +63,13 @@ class FMTTResult:
             if s.rule:
                 counts[s.rule] = counts.get(s.rule, 0) + 1
         return counts
+
+    @property
+    def approximate_share(self) -> float:
+        """Share of the weighted steps whose increment is a Jarzynski one (advective, eulerian): exact only
+        as h -> 0. 0: the weights are exact for this grid; NaN: the run claims no weights."""
+        ruled = [s.rule for s in self.trace if s.rule]
+        return sum(r in APPROXIMATE_RULES for r in ruled) / len(ruled) if ruled else math.nan
 
     @property
     def order(self) -> torch.Tensor:

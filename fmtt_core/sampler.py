@@ -32,6 +32,8 @@ def weight_rule(cfg: FMTTConfig, pop: Population, lam, times, loop: ParticleLoop
         keep = cfg.search_keep or max(1, pop.size // 4)
         return SearchSelection(pop, lam, beta, search_schedule(len(times) - 1, cfg.search_steps), keep)
     weights = "twisted" if cfg.mode == "zero_order" else cfg.weights
+    if weights == "doob":  # twisted weights; the doubled push is set by push_factor
+        weights = "twisted"
     if weights == "auto":
         return AutoWeights(pop, lam, beta, times, loop, cfg.eta, cfg.sde_step, **resampling)
     if weights == "eulerian":
@@ -39,6 +41,17 @@ def weight_rule(cfg: FMTTConfig, pop: Population, lam, times, loop: ParticleLoop
     if weights == "advective":
         return AdvectiveWeights(pop, lam, beta, times, loop, **resampling)
     return TwistedWeights(pop, lam, beta, **resampling)
+
+
+def push_factor(cfg: FMTTConfig) -> float:
+    """The tilt force on the drift in units of eps grad r_t: 1 for the paper's SDE, 2 for "doob".
+
+    Twisted weights price any push by its kernel ratio. Their increment then carries the noise term
+    (sigma z) . (grad r_t - delta / sigma^2) to first order in sigma (delta the push): the paper's push
+    delta = sigma^2 g / 2 leaves half of it (variance (sigma |g| / 2)^2 per step, summing to a log-weight
+    variance that does not shrink with the step), the push sigma^2 g (the locally optimal, Doob-type
+    proposal for a linearised potential) cancels it, leaving O(sigma^2) curvature terms."""
+    return 2.0 if cfg.mode == "exact" and cfg.weights == "doob" else 1.0
 
 
 def fmtt_sample(denoiser, x_init, times, *, reward: RewardFn, config: FMTTConfig | None = None,
@@ -59,6 +72,6 @@ def fmtt_sample(denoiser, x_init, times, *, reward: RewardFn, config: FMTTConfig
     loop = ParticleLoop(denoiser, reward, decoder, lookahead, cfg.chunk_size, cfg.grad_clip)
     lam = tilt_values(cfg.tilt, times)
     rule = weight_rule(cfg, pop, lam, times, loop)
-    tilt_scale = None if cfg.mode == "zero_order" else lam * float(cfg.reward_scale)
+    tilt_scale = None if cfg.mode == "zero_order" else lam * float(cfg.reward_scale) * push_factor(cfg)
     return run_chain(loop, pop, x_init, times, cfg, rule, tilt_scale=tilt_scale,
                      method=f"fmtt-{cfg.mode}[{lookahead}]", callback=callback)

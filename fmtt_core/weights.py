@@ -14,17 +14,27 @@ and two flags: `claims_weights` (its log-weights are importance weights of the t
 `prices_push` (it accounts exactly for any tilt push, so taming is exact and big pushes are no
 discretisation error). With lambda_k = tilt_values, beta = reward_scale, r_k = r(X_{t_k,1}(x_k)):
 
-  AutoWeights       the default: per step, twisted where the step is quiet, advective where it is not.
+Exact for the step count used (the weighted population targets (discretised base chain's law) *
+exp(beta r) at every grid, up to Monte-Carlo error; tests/test_core_weights_power.py):
   TwistedWeights    beta (lambda_k r_k - lambda_{k-1} r_{k-1}) + log [base / proposal kernel]: the
                     discrete-time Feynman-Kac weights of twisted SMC. They telescope to beta r(x1)
-                    times the likelihood ratio of the base chain, so the weighted population targets
-                    (base chain's law) * exp(beta r) for ANY look-ahead and any push. Free.
-  AdvectiveWeights  dA = (d_t + b.grad) r_t dt along the ODE step: exact as h -> 0 for any
-                    look-ahead; one more look-ahead forward per step.
-  EulerianWeights   dA = lambda'_t beta r_t dt: exact as h -> 0 only for a perfect flow map.
+                    times the likelihood ratio of the base chain, for ANY look-ahead and any push
+                    (so also for weights="doob", the same rule with the push doubled). Free. Zero-order
+                    mode and FK steering's diff potential are this rule without a push.
+Consistent only (Jarzynski weights: exact in continuous time, an O(h) bias at a finite grid; measured
+in bench/results/weights.md):
+  AdvectiveWeights  dA = (d_t + b.grad) r_t dt along the ODE step: for any look-ahead; one more
+                    look-ahead forward per step.
+  EulerianWeights   dA = lambda'_t beta r_t dt: for a perfect flow map only (a denoiser look-ahead
+                    leaves a bias that does not vanish with h).
+  AutoWeights       per step, twisted where the step is quiet, advective where it is not: a mix
+                    telescopes only through the Jarzynski identity on the marginals, so it is
+                    consistent as h -> 0, not exact, as soon as one step is advective.
+Exact in expectation, degenerate in practice (search heuristics):
   FKWeights         FK steering's max / add potentials with the final correction of the reference
-                    code (exp(beta r(x1)) / product of the potentials applied), so it targets the
-                    tilted law. (FK's diff potential is TwistedWeights with lambda = 1, no tilt.)
+                    code (exp(beta r(x1)) / product of the potentials applied). The intermediate
+                    targets are over-tilted about K-fold, so the correction leaves a tiny ESS
+                    (baselines.fk_steering warns below FK_DEGENERATE_ESS).
   SearchSelection   no weights; top-k selection on the look-ahead reward at scheduled steps.
   NoWeights         base sampling and guidance: no weights, no resampling.
 """
@@ -36,6 +46,9 @@ import torch
 
 from .population import Population
 from .sde import base_kernel, step_noise
+
+# The step rules whose increment is a Jarzynski (continuous-time) one: exact only as h -> 0.
+APPROXIMATE_RULES = ("advective", "eulerian")
 
 
 class WeightRule:
@@ -256,17 +269,18 @@ QUIET_NOISE_RATE = 3.0
 class AutoWeights(WeightRule):
     """Per step, the rule that suits it: twisted where the step is quiet, advective where it is not.
 
-    Both rules carry the tilted marginal rho_k e^{r_k} of step k to rho_{k+1} e^{r_{k+1}}: twisted weights
-    exactly (they price the move by its kernel ratio), advective weights to O(h^2) (the Jarzynski
-    increment along the ODE step). So the rule may change from step to step, chosen before the move from
-    what is known at x_k. Twisted weights add log-weight noise: their increment carries
-    (sigma / 2) grad r_t . z, of variance push^2 = (sigma |g| / 2)^2 per particle (g the tilt force,
-    sigma the step's noise). A step is *quiet* when every particle's push^2 per unit time is at most
-    `quiet` (nats^2 per unit time): there twisted weights cost little ESS over the whole run and have no
-    time-discretisation error. Where the tilt pushes harder (steep rewards, little noise, the authors'
-    toy), twisted weights would degenerate (measured: bench/bench_toy.py) and the advective increment,
-    deterministic given x_k and exact as h -> 0 for any look-ahead, takes over for that step (one
-    look-ahead forward)."""
+    Consistent, not exact. Twisted steps carry the tilted marginal rho_k e^{r_k} of the discretised chain
+    exactly (they price the move by its kernel ratio); advective steps only to O(h^2) per step (the
+    Jarzynski increment along the ODE step), so a run with advective steps has an O(h) bias against the
+    chain it samples: measured 11 standard errors at 20 steps on the ring at beta 2 (bench/results/weights.md).
+    The rule may change from step to step, chosen before the move from what is known at x_k. Twisted
+    weights add log-weight noise: their increment carries (sigma / 2) grad r_t . z, of variance
+    push^2 = (sigma |g| / 2)^2 per particle (g the tilt force, sigma the step's noise). A step is *quiet*
+    when every particle's push^2 per unit time is at most `quiet` (nats^2 per unit time). Where the tilt
+    pushes harder (steep rewards, little noise, the authors' toy), twisted weights degenerate (measured:
+    bench/bench_toy.py) and the advective increment, deterministic given x_k, takes over for that step (one
+    look-ahead forward). The largest particle decides: one particle near a basin boundary, where
+    |grad r_t| through a flow map is huge, makes the whole step advective."""
 
     prices_push = False   # on twisted steps only; advective steps correct a tamed push to O(h)
 

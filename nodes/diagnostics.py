@@ -133,7 +133,9 @@ def _population_line(b: int, run) -> str:
     else:
         rewards = "not finite"
     rules = getattr(run, "rule_counts", {})
-    split = f"; weights per step: {', '.join(f'{k} {v}' for k, v in rules.items())}" if rules else ""
+    share = getattr(run, "approximate_share", math.nan)
+    split = (f"; weights per step: {', '.join(f'{k} {v}' for k, v in rules.items())} ({share:.0%} approximate: "
+             "Jarzynski steps, O(h) bias)") if rules else ""
     return (f"[{b}] final reward {rewards}; final ESS {run.ess:.2f}/{run.log_weights.numel()}; {run.n_resamples} "
             f"resampling/selection step(s); thermodynamic length {run.thermodynamic_length:.3g}{split}")
 

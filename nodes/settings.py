@@ -66,10 +66,12 @@ SETTINGS: tuple[Setting, ...] = (
                             tooltip="How to predict a particle's final image: an FMTT look-ahead node. Unconnected: "
                                     "the base model's denoiser (cheapest, least accurate early on).")),
     Setting(io.Combo.Input("mode", options=list(MODES), default=CORE.mode,
-                           tooltip="exact: reward-gradient drift + importance weights + resampling (samples "
-                                   "p(x) exp(scale r(x))). search: gradient drift + keep-the-best selections "
-                                   "(highest rewards, no weights). zero_order: no gradients, weights + resampling "
-                                   "only (cheapest, still exact)."), core="mode"),
+                           tooltip="exact: reward-gradient drift + importance weights + resampling, samples "
+                                   "p(x) exp(scale r(x)) as the sampler's steps discretise it (exactly with twisted / "
+                                   "doob weights; with an O(h) bias under advective / eulerian / auto, see weights). "
+                                   "search: gradient drift + keep-the-best selections (highest rewards, no weights). "
+                                   "zero_order: no gradients, weights + resampling only (cheapest, exact)."),
+            core="mode"),
     Setting(io.Int.Input("particles", default=4, min=1, max=4096,
                          tooltip="Particles per latent in the batch. More particles: better steering, "
                                  "proportionally more compute; their memory is checked before sampling.")),
@@ -111,12 +113,12 @@ SETTINGS: tuple[Setting, ...] = (
                          tooltip="search mode: particles kept at each selection, at most the particles (0: a "
                                  "quarter of them)."), core="search_keep", to_core=_zero_is_none),
     Setting(io.Combo.Input("weights", options=list(WEIGHTS), default=CORE.weights, advanced=True,
-                           tooltip="Importance-weight formula. auto: per step, twisted where the tilt's push is "
-                                   "small against the step's noise, advective where it is not (the diagnostics count "
-                                   "the steps of each). twisted: exact at any step size for any look-ahead, free, "
-                                   "degenerates for steep rewards. advective: exact as steps shrink, one more "
-                                   "look-ahead forward per step, low variance. eulerian: free, exact only for a "
-                                   "perfect flow map."),
+                           tooltip="Importance-weight formula (docs/weights.md). Exact at this step count: twisted "
+                                   "(default; free; resamples often for steep rewards) and doob (twisted with a doubled"
+                                   " push: fewer resamplings on smooth rewards). Exact only as steps shrink (bias of "
+                                   "several standard errors at 20-100 steps): advective (one more look-ahead forward "
+                                   "per step), eulerian (perfect flow map only), auto (twisted or advective per step; "
+                                   "the diagnostics give the share of approximate steps)."),
             core="weights"),
     Setting(io.Boolean.Input("block_checkpointing", default=True, optional=True, advanced=True,
                              tooltip="Recompute each transformer block (FLUX-family models) in the backward pass "

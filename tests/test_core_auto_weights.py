@@ -1,15 +1,16 @@
-"""Issue 9: the default weights, chosen per step by a measured criterion (weights.AutoWeights).
+"""Issue 9: weights="auto", chosen per step by a measured criterion (weights.AutoWeights); the default
+until issue 19 measured its O(h) bias (bench/results/weights.md) and made twisted the default.
 
 Twisted weights are exact at any step size but carry log-weight noise of variance (sigma |g| / 2)^2 per
-step; the advective (Jarzynski) increment is deterministic given x_k and exact as h -> 0. `auto` takes
-twisted on quiet steps and advective on the others. What must hold:
-- where the push is large (the authors' toy: beta 10 on a 0.03-wide band, eta 0.1) auto does not
-  collapse as twisted weights do, and lands as close to the rejection-sampled target as the
-  authors' Eulerian weights with a flow map;
-- where a run mixes both rules, it is still exact within Monte-Carlo bounds;
+step; the advective (Jarzynski) increment is deterministic given x_k and exact only as h -> 0. `auto`
+takes twisted on quiet steps and advective on the others, so it is consistent, not exact. What holds:
+- where the push is large (the authors' toy: beta 10 on a 0.03-wide band, eta 0.1) auto resamples far
+  less than twisted weights, and lands as close to the rejection-sampled target as the authors'
+  Eulerian weights with a flow map (at 50 steps: both reach only part of the tilt, see docs/weights.md);
+- where a run mixes both rules, its bias is small against the law's spread (its size in standard
+  errors: tests/test_core_weights_power.py);
 - the choice follows the push: an untilted run is all twisted, a hard push all advective;
-- the choice is the same under sharding (a population-wide mean, not a per-shard one): the exact-mode
-  runs of tests/test_distributed_sampler.py use the default weights and must equal one process.
+- the choice is the same under sharding (a population-wide max, not a per-shard one).
 """
 import math
 
@@ -56,17 +57,19 @@ def test_auto_does_not_collapse_where_twisted_weights_do():
 
 
 @pytest.mark.slow
-def test_auto_is_exact_where_it_mixes_rules():
+def test_auto_is_close_where_it_mixes_rules():
     """The ring with a quadratic reward at beta 2, 30 steps: auto makes some steps twisted and some
-    advective; the weighted mean and variance match the closed-form tilted law over 6 seeds (Student-t
-    99.9%), with the population healthy."""
+    advective; the weighted mean and variance are within a Student-t 99.9% bound of the closed-form tilted
+    law over 6 seeds, with the population healthy. A weak bound: it shows consistency, not exactness (the
+    powered check in test_core_weights_power.py finds auto's bias against the discretised chain)."""
     runs, n, beta = 6, 1024, 2.0
     truth = RING.tilt_quadratic(C2, beta)
     means, variances, counts = [], [], []
     for seed in range(runs):
         x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(2000 + seed), dtype=torch.float64)
         res = fc.fmtt_sample(RING.denoiser, x0, fc.time_grid(30), reward=quadratic_reward(C2, 1.0),
-                             lookahead=ring_flow_map(), config=fc.FMTTConfig(reward_scale=beta, seed=seed))
+                             lookahead=ring_flow_map(),
+                             config=fc.FMTTConfig(reward_scale=beta, weights="auto", seed=seed))
         w = res.weights[:, None]
         m = (w * res.samples).sum(0)
         means.append(m)
@@ -77,7 +80,7 @@ def test_auto_is_exact_where_it_mixes_rules():
     for est, exact, what in ((torch.stack(means), truth.mean(), "mean"),
                              (torch.stack(variances), truth.cov().diagonal(), "variance")):
         z = ((est.mean(0) - exact) / (est.std(0) / math.sqrt(runs))).abs().max()
-        assert z <= t_crit, f"auto weights biased in the {what}: |z| = {float(z):.1f}"
+        assert z <= t_crit, f"auto weights far off in the {what}: |z| = {float(z):.1f}"
     assert all(c.get("twisted", 0) >= 3 and c.get("advective", 0) >= 3 for c in counts), counts
 
 
@@ -88,7 +91,7 @@ def test_the_rule_follows_the_push():
 
     def counts(beta):
         res = fc.fmtt_sample(RING.denoiser, x0, fc.time_grid(10), reward=quadratic_reward(C2, 1.0),
-                             lookahead=ring_flow_map(), config=fc.FMTTConfig(reward_scale=beta))
+                             lookahead=ring_flow_map(), config=fc.FMTTConfig(reward_scale=beta, weights="auto"))
         assert [s.rule for s in res.trace].count("") == 0
         return res.rule_counts
 
@@ -101,7 +104,8 @@ def test_auto_measures_the_eulerian_defect_on_its_advective_steps():
     """The defect comes free on advective steps: the trace shows it without defect_probe."""
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     res = fc.fmtt_sample(RING.denoiser, x0, fc.time_grid(10), reward=quadratic_reward(C2, 1.0),
-                         lookahead=fc.DenoiserLookahead(RING.denoiser), config=fc.FMTTConfig(reward_scale=200.0))
+                         lookahead=fc.DenoiserLookahead(RING.denoiser),
+                         config=fc.FMTTConfig(reward_scale=200.0, weights="auto"))
     measured = [s for s in res.trace if s.rule == "advective"]
     assert measured and all(not math.isnan(s.defect) for s in measured)
     assert all(math.isnan(s.defect) for s in res.trace if s.rule == "twisted")
@@ -119,7 +123,8 @@ def test_no_single_particle_takes_over_in_the_authors_setting():
     truth = tilted(1.0)
 
     def sampler(x0, seed):
-        cfg = fc.FMTTConfig(reward_scale=1.0, tilt=fc.RampTilt(0.1), eta=0.1, ess_threshold=0.9, seed=seed)
+        cfg = fc.FMTTConfig(reward_scale=1.0, tilt=fc.RampTilt(0.1), eta=0.1, ess_threshold=0.9, weights="auto",
+                            seed=seed)
         return fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(50), reward=reward, lookahead=ex.flow_map(gm),
                               config=cfg)
 

@@ -1,0 +1,210 @@
+"""Weight rules measured against the chain they claim to reweight (issue 19).
+
+Every FMTT weight rule is judged against the same reference: the discretised base chain (same grid,
+eta and SDE step, no tilt) run once with a large N and reweighted at the end by exp(beta r(x1)). A rule
+exact for the step count used (twisted, doob) matches it up to Monte-Carlo error; a Jarzynski rule
+(advective, eulerian, or a mix such as auto) carries an O(h) bias. Per case, candidate and step count:
+
+  bias   max |z| over the weighted mean and variance of every coordinate, z = (mean over R seeds - ref)
+         / sqrt(sd^2 / R + se_ref^2): the bias in standard errors (3 is the tests' bar);
+  health final ESS / N, resamplings, share of approximate (Jarzynski) steps, weighted mean reward against
+         the reference's.
+
+Cases: the ring (8 modes, quadratic reward, beta 2), the 8-D mixture (linear reward), the authors' toy
+(bench_toy.py's wavy ring, beta 10, ramp tilt 0.1, eta 0.1, ESS threshold 0.9) and a 2-D mixture with a
+nonlinear, multi-basin reward. The exact flow map is the look-ahead throughout.
+
+    python bench/bench_weights.py                 # writes bench/results/weights.md and weights.json
+    python bench/bench_weights.py --steps 20 --seeds 4 --particles 300     # a quicker, weaker look
+    python bench/bench_weights.py --write-reference     # tests/data/weights_reference.json (once, ~1 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import bench_toy
+import torch
+
+import fmtt_core as fc
+from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEST_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "weights_reference.json"
+TEST_CASES = {"ring": (20, 1_000_000), "mix2d": (20, 1_000_000)}  # case -> (steps, reference N) for the tests
+RULES = ("twisted", "doob", "auto", "advective", "eulerian")
+APPROXIMATE = ("advective", "eulerian")  # per-step Jarzynski increments: exact only as h -> 0
+
+
+def gmm8():
+    return GaussianMixture(
+        torch.tensor([0.3, 0.3, 0.2, 0.2]),
+        2 * torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+        0.2 + 0.5 * torch.rand(4, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+
+
+MIX2D = GaussianMixture(torch.tensor([0.45, 0.35, 0.2]),
+                        torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+                        torch.tensor([[0.5, 0.3], [0.3, 0.6], [0.8, 0.4]]))
+
+
+def wave_reward(x):
+    """Nonlinear, several basins: ridges along x0 crossed by a bump in x1."""
+    return torch.sin(2 * x[:, 0]) + torch.cos(1.5 * x[:, 1])
+
+
+def cases():
+    """name -> (mixture, reward, beta, config keywords, RK4 steps of the flow map, closed-form tilted law)."""
+    ring, c2, a8, g8 = ring_mixture(8, 4.0, 0.5), torch.tensor([4.0, 0.0], dtype=torch.float64), None, gmm8()
+    a8 = torch.tensor([1.0, -0.5, 0, 0, 0.5, 0, 0, 0], dtype=torch.float64)
+    toy = {"tilt": fc.RampTilt(0.1), "eta": 0.1, "ess_threshold": 0.9}
+    return {
+        "ring": (ring, quadratic_reward(c2, 1.0), 2.0, {}, 8, ring.tilt_quadratic(c2, 2.0)),
+        "8-D": (g8, linear_reward(a8), 1.0, {}, 8, g8.tilt_linear(a8)),
+        "toy": (bench_toy.ring_base(), bench_toy.wavy_ring_reward, bench_toy.BETA, toy, 4, None),
+        "mix2d": (MIX2D, wave_reward, 2.0, {}, 8, None),
+    }
+
+
+def moments(x, w, r):
+    """Weighted mean and (bias-corrected) variance per coordinate and the weighted mean reward: [2 d + 1].
+    The reward is what a ring-shaped tilt moves most (its coordinates' moments barely change)."""
+    m = w @ x
+    v = (w @ (x - m) ** 2) / (1 - (w ** 2).sum())
+    return torch.cat([m, v, (w @ torch.nan_to_num(r, nan=0.0))[None]])
+
+
+def reference(gm, reward, beta, cfg_kw, steps, n, seed=12345):
+    """The base chain reweighted at the end: (moments, their delta-method standard errors, mean reward)."""
+    cfg = fc.FMTTConfig(**{k: v for k, v in cfg_kw.items() if k != "tilt"}, seed=seed)
+    x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    res = fc.base_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, config=cfg)
+    x, r = res.samples, res.rewards
+    w = torch.softmax(beta * r, 0)
+    m = w @ x
+    f = torch.cat([x, (x - m) ** 2, r[:, None]], 1)  # influence functions of the means and (plug-in) variance
+    est = moments(x, w, r)
+    se = torch.sqrt(((w[:, None] * (f - w @ f)) ** 2).sum(0))
+    return est, se, float(w @ r), float(1 / (w ** 2).sum()) / n
+
+
+def write_test_reference(path=TEST_REFERENCE):
+    """The powered exactness tests' reference (tests/test_core_weights_power.py), computed once and committed."""
+    out = {}
+    for name, (steps, n) in TEST_CASES.items():
+        gm, reward, beta, kw, _, _ = cases()[name]
+        est, se, ref_reward, ref_ess = reference(gm, reward, beta, kw, steps, n)
+        out[name] = {"steps": steps, "particles": n, "beta": beta, "moments": est.tolist(), "se": se.tolist(),
+                     "reward": ref_reward, "ess_fraction": ref_ess}
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def candidate(gm, reward, beta, cfg_kw, rk4, steps, rule, n, seeds):
+    look = fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, rk4))
+    est, health = [], []
+    for seed in range(seeds):
+        x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
+        cfg = fc.FMTTConfig(reward_scale=beta, weights=rule, seed=seed, **cfg_kw)
+        res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, lookahead=look, config=cfg)
+        w = res.weights
+        est.append(moments(res.samples, w, res.rewards))
+        approx = sum(v for k, v in res.rule_counts.items() if k in APPROXIMATE) / steps
+        health.append((res.ess / n, res.n_resamples, approx, float(w @ torch.nan_to_num(res.rewards, nan=0.0))))
+    return torch.stack(est), [sum(h[i] for h in health) / seeds for i in range(4)]
+
+
+def z_scores(est, ref, se_ref):
+    r = est.shape[0]
+    return (est.mean(0) - ref) / torch.sqrt(est.var(0) / r + se_ref ** 2)
+
+
+def run(steps_list, n, seeds, n_ref, names, rules, log, save=lambda rows, refs: None):
+    rows, refs = [], []
+    for steps in steps_list:
+        for name, (gm, reward, beta, kw, rk4, exact) in cases().items():
+            if names and name not in names:
+                continue
+            start = time.perf_counter()
+            ref, se_ref, ref_reward, ref_ess = reference(gm, reward, beta, kw, steps, n_ref)
+            chain_z = (float(((ref[:-1] - moments_exact(exact)) / se_ref[:-1]).abs().max()) if exact is not None
+                       else math.nan)
+            refs.append({"case": name, "steps": steps, "n": n_ref, "reward": ref_reward, "ess": ref_ess,
+                         "chain_z": chain_z, "moments": ref.tolist(), "se": se_ref.tolist()})
+            log(f"{steps} steps {name}: reference N {n_ref} reward {ref_reward:.3f} ESS {ref_ess:.3f} "
+                f"base chain vs exact law |z| {chain_z:.1f} ({time.perf_counter() - start:.0f} s)")
+            for rule in rules:
+                start = time.perf_counter()
+                est, (ess, resamples, approx, reward_w) = candidate(gm, reward, beta, kw, rk4, steps, rule, n, seeds)
+                z = float(z_scores(est, ref, se_ref).abs().max())
+                rows.append({"case": name, "steps": steps, "rule": rule, "z": z, "ess": ess, "resamples": resamples,
+                             "approx": approx, "reward": reward_w, "ref_reward": ref_reward})
+                log(f"  {rule:9s} |z| {z:5.1f}  ESS/N {ess:.2f}  resamplings {resamples:5.1f}  approximate "
+                    f"{approx:4.0%}  reward {reward_w:.3f} / {ref_reward:.3f}  ({time.perf_counter() - start:.0f} s)")
+            save(rows, refs)  # a long sweep leaves its table behind case by case
+    return rows, refs
+
+
+def moments_exact(law):
+    return torch.cat([law.mean(), law.cov().diagonal()])  # no closed form for the reward's mean here
+
+
+def table(rows, refs, meta) -> str:
+    lines = [f"# Weight rules against the reweighted base chain ({meta})", "",
+             "|z|: largest bias over the weighted mean and variance of every coordinate and the weighted mean "
+             "reward, in standard errors of the difference (R seeds against the large-N reference: the same "
+             "discretised base chain reweighted by exp(beta r(x1)) at the end). approx: share of steps with a "
+             "Jarzynski (O(h)) increment. reward: "
+             "weighted mean final reward, the reference's in the header.", ""]
+    for ref in refs:
+        chain = "" if math.isnan(ref["chain_z"]) else f"; base chain vs closed-form law |z| {ref['chain_z']:.1f}"
+        lines.append(f"- {ref['case']}, {ref['steps']} steps: reference N {ref.get('n', 200_000)}, reward "
+                     f"{ref['reward']:.3f}, ESS of the final reweighting {ref['ess']:.3f} N{chain}")
+    lines += ["", "| case | steps | rule | bias |z| | ESS/N | resamplings | approx | reward |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['steps']} | {r['rule']} | {r['z']:.1f} | {r['ess']:.2f} | "
+                     f"{r['resamples']:.1f} | {r['approx']:.0%} | {r['reward']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100])
+    ap.add_argument("--particles", type=int, default=500)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--reference", type=int, default=200_000)
+    ap.add_argument("--cases", nargs="+", default=None)
+    ap.add_argument("--rules", nargs="+", default=list(RULES))
+    ap.add_argument("--out", default="weights")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in <out>.json")
+    ap.add_argument("--write-reference", action="store_true", help="write the tests' reference and stop")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.write_reference:
+        print(json.dumps(write_test_reference(), indent=1))
+        return
+    start, meta = time.perf_counter(), f"N {args.particles}, {args.seeds} seeds, reference N {args.reference}"
+    if args.append:
+        meta += " (appended runs may differ: see each reference line)"
+    RESULTS.mkdir(exist_ok=True)
+
+    old = json.loads((RESULTS / f"{args.out}.json").read_text()) if args.append else {"rows": [], "references": []}
+
+    def save(rows, refs):
+        rows, refs = old["rows"] + rows, old["references"] + refs
+        text = table(rows, refs, meta) + f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
+        (RESULTS / f"{args.out}.md").write_text(text)
+        (RESULTS / f"{args.out}.json").write_text(json.dumps({"rows": rows, "references": refs}, indent=1))
+        return text
+
+    rows, refs = run(args.steps, args.particles, args.seeds, args.reference, args.cases, args.rules,
+                     lambda s: print(s, flush=True), save)
+    print(save(rows, refs))
+
+
+if __name__ == "__main__":
+    main()
