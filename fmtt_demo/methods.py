@@ -8,7 +8,8 @@ and step that makes
     base, best-of-N, FK steering            1      (one denoiser call; FK's potential reuses it)
     denoiser guidance                       3      (denoiser + backward through it)
     FMTT exact, flow-map look-ahead (J)     1 + 4J (denoiser + J flow-map jumps + backward through them,
-                                                    + J jumps on steps the default weights make advective:
+                                                    + J jumps on steps the weights make advective (none under
+                                                    the default twisted weights; auto / advective add them):
                                                     an upper bound, charged whether or not they are made)
     FMTT search / zero-order, flow map      1 + 3J / 1 + J
     FMTT exact, denoiser look-ahead         4      (denoiser + backward + the advective steps' look-ahead)

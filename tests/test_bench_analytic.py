@@ -62,7 +62,8 @@ def test_nfe_accounting_follows_the_lookahead(bench, tiny_run):
     assert nfe["best-of-N"] == nfe["FK steering diff"] == nfe["FMTT denoiser, eulerian w"] == steps
     assert nfe["FMTT denoiser, twisted w"] == steps
     assert nfe["FMTT flow map, eulerian w"] == nfe["FMTT zero-order flow map"] == 2 * steps
-    # The default (auto) re-evaluates the look-ahead on the steps it makes advective, never on the last.
+    # The default (twisted since issue 19; auto before) re-evaluates the look-ahead only on the steps a rule
+    # makes advective, never on the last: between none and all but one.
     assert steps <= nfe["FMTT denoiser"] <= 2 * steps - 1
     assert 2 * steps <= nfe["FMTT flow map"] <= 3 * steps - 1
     for k in (2, 4):  # an advective step's ODE look-ahead makes k calls (no D to reuse at x + h b)

@@ -28,8 +28,9 @@ def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
 
 
 def test_every_method_spends_the_same_network_budget():
-    """FMTT exact is charged an upper bound (its default weights add a look-ahead forward on the steps
-    they make advective); the baselines spend that charged budget and FMTT exact no more."""
+    """FMTT exact is charged an upper bound (a look-ahead forward on every step, which auto / advective
+    weights may spend; the default twisted weights spend none); the baselines spend that charged budget and
+    FMTT exact no more."""
     runs, settings = run_demo(particles=16, steps=12, progress=False)
     reference = next(r for r in runs if r.method.key == "fmtt_exact")
     charged = (1 + 4 * settings["jumps"]) * reference.particles * settings["steps"]
