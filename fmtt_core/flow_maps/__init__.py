@@ -6,6 +6,7 @@ two_time_lora   two-time flow-map LoRAs for FLUX (FMRG's DualTimeEmbedder + diff
                 classification of wrong files, LoRA scales
 jumps           X(z; sigma -> sigma') = z + (sigma' - sigma) u and its core-clock form
 distill         distillation losses that teach a two-time student the teacher's flow (LSD, PSD), time pairs
+trainer         the resumable (and data-parallel) distillation loop shared by `fmtt distill` and the node
 """
 from .conv_resnet import ARCHITECTURE, ConvFlowMap, FlowMapFileError, load_flow_map, save_flow_map
 from .distill import (
@@ -18,12 +19,13 @@ from .distill import (
     shift_time,
 )
 from .jumps import average_embeddings, jump_from_denoiser, sigma_jump
+from .trainer import DistillSettings, FlowMapTrainer
 from .two_time_lora import FORMATS, FlowMapLoRAError, LoraLayer, TwoTimeLoRA, family_of, inspect_two_time_lora
 
 __all__ = [
     "ConvFlowMap", "FlowMapFileError", "load_flow_map", "save_flow_map", "ARCHITECTURE",
     "sigma_jump", "jump_from_denoiser", "average_embeddings",
     "sample_time_pairs", "lsd_loss", "psd_loss", "diagonal_loss", "derivative_warmup", "flow_map_from_student",
-    "shift_time",
+    "shift_time", "DistillSettings", "FlowMapTrainer",
     "inspect_two_time_lora", "TwoTimeLoRA", "LoraLayer", "FlowMapLoRAError", "FORMATS", "family_of",
 ]

@@ -136,17 +136,20 @@ def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Ten
 
 
 def psd_loss(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *, generator: torch.Generator,
-             norm: str = "l1", midpoint: str = "uniform") -> tuple[torch.Tensor, dict]:
+             norm: str = "l1", midpoint="uniform") -> tuple[torch.Tensor, dict]:
     """PSD: mean norm of X_{s,t}(x_s) - sg(X_{m,t}(X_{s,m}(x_s))), m = s + r (t - s).
 
-    midpoint "uniform": r ~ U(0, 1) per row from `generator` (PSD-U); "half": r = 1/2 (PSD-M)."""
+    midpoint "uniform": r ~ U(0, 1) per row from `generator` (PSD-U); "half": r = 1/2 (PSD-M); or a [B] tensor of
+    fractions r drawn by the caller (a data-parallel trainer draws them for the whole batch)."""
     s, t = _times(s, x_s), _times(t, x_s)
-    if midpoint == "uniform":
+    if isinstance(midpoint, torch.Tensor):
+        r = _times(midpoint, x_s)
+    elif midpoint == "uniform":
         r = torch.rand(x_s.shape[0], generator=generator, dtype=torch.float64).to(x_s.device, x_s.dtype)
     elif midpoint == "half":
         r = torch.full_like(s, 0.5)
     else:
-        raise FMTTInputError(f"unknown PSD midpoint {midpoint!r}; choose 'uniform' or 'half'.")
+        raise FMTTInputError(f"unknown PSD midpoint {midpoint!r}; choose 'uniform', 'half' or a tensor of fractions.")
     m = s + r * (t - s)
     jump = flow_map_from_student(student)
     x_t = jump(x_s, s, t)
