@@ -199,6 +199,9 @@ def add_distill_parser(sub) -> None:
                    help=f"steps over which the d/dt term ramps in (default {d['derivative_warmup_steps']})")
     p.add_argument("--fd-step", type=_positive(float), default=d["fd_step"],
                    help=f"finite-difference step of d/dt (default {d['fd_step']})")
+    p.add_argument("--derivative-grad", action=argparse.BooleanOptionalAction, default=d["derivative_grad"],
+                   help="LSD: differentiate through the finite difference too, the residual's own gradient (default "
+                        "on); --no-derivative-grad: FMRG's detached d/dt (fewer backward passes, diverged here)")
     p.add_argument("--min-gap", type=float, default=d["min_gap"], help="minimum |t - s| of a time pair")
     p.add_argument("--both-directions", action="store_true",
                    help="train s > t pairs too (FMRG's draw); default: s <= t, the jumps FMTT makes")
@@ -224,6 +227,7 @@ def run_distill(parser, args) -> int:
     settings = DistillSettings(**{
         **DIGITS_DEFAULTS, "objective": args.objective, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "ema_decay": args.ema_decay, "derivative_warmup_steps": args.derivative_warmup, "fd_step": args.fd_step,
+        "derivative_grad": args.derivative_grad,
         "min_gap": args.min_gap, "both_directions": args.both_directions, "norm": args.norm, "seed": args.seed,
         "save_every": args.save_every, "log_every": args.log_every})
     group = init_from_env(timeout_s=args.dist_timeout)

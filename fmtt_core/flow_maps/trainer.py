@@ -55,6 +55,7 @@ class DistillSettings:
     shift: float = 1.0
     both_directions: bool = True
     fd_step: float = 5e-3
+    derivative_grad: bool = False     # LSD: gradients through the finite difference too (see lsd_loss)
     derivative_warmup_steps: int = 0
     norm: str = "l1"
     seed: int = 0
@@ -161,6 +162,7 @@ class FlowMapTrainer:
         x_s, s, t = (self._rows(batch[k]) for k in ("x_s", "s", "t"))
         if st.objective == "lsd":
             return lsd_loss(self.student, self.teacher, x_s, s, t, fd_step=st.fd_step, norm=st.norm,
+                            derivative_grad=st.derivative_grad,
                             derivative_weight=derivative_warmup(self.step, st.derivative_warmup_steps))
         diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm)
         psd, stats = psd_loss(self.student, x_s, s, t, generator=self.generator, norm=st.norm,
