@@ -8,15 +8,17 @@ and batch, on the digits demo's networks (or wider copies of them, to scale the 
                                                         # bench/results/distill_fmtt.md/.json
 
 Each configuration runs in a fresh process: a few warm-up steps, then `--steps` timed steps (median per step).
-Peak memory: on CUDA, torch.cuda.max_memory_allocated during the timed steps; on the CPU, the growth of the
-process's resident set over its size before the first step (sampled every ms), which includes the allocator's
-caches. Objectives: LSD as FMRG trains it (4 forwards, 1 with gradients), LSD with gradients through the finite
+Peak memory: on CUDA, torch.cuda.max_memory_allocated from the first step on (the models' own weights included);
+on the CPU, the growth of the process's resident set over its size before the first step (sampled every ms): the
+optimiser state, the activations and the allocator's caches, over the loaded models.
+Objectives: LSD as FMRG trains it (4 forwards, 1 with gradients), LSD with gradients through the finite
 difference (3 forwards kept for the backward), PSD + the diagonal term (4 forwards, 2 with gradients).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -52,12 +54,11 @@ def worker(objective: str, batch: int, width: int, steps: int, device: str) -> d
     settings = DistillSettings(**OBJECTIVES[objective], steps=10**9, batch=batch, lr=1e-4, ema_decay=0.999)
     trainer = FlowMapTrainer(student, teacher, lambda n, g: draw(n, g).to(dev), settings,
                              student=student.average_velocity)
-    for _ in range(3):
-        trainer.train_step()
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # Peak from before the first step: optimiser state, activations and the allocator's caches all count.
     baseline, peak, running = _rss_bytes(), [0], [True]
 
     def watch():
@@ -67,6 +68,8 @@ def worker(objective: str, batch: int, width: int, steps: int, device: str) -> d
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    for _ in range(3):  # warm-up steps, not timed
+        trainer.train_step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -77,9 +80,10 @@ def worker(objective: str, batch: int, width: int, steps: int, device: str) -> d
     running[0] = False
     watcher.join()
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else (max(peak[0], _rss_bytes()) - baseline) / 2**20
+    load = os.getloadavg()[0]
     return {"objective": objective, "batch": batch, "width": width, "device": device,
             "params": sum(p.numel() for p in student.parameters()), "ms_per_step": 1000 * statistics.median(times),
-            "peak_mb": peak_mb, "memory": "cuda max allocated" if cuda else "RSS growth"}
+            "peak_mb": peak_mb, "memory": "cuda max allocated" if cuda else "RSS growth", "load_1min": load}
 
 
 def run(objectives, batches, width, steps, device, log=print) -> list[dict]:
@@ -97,9 +101,11 @@ def markdown(rows, environment: str) -> str:
     lines = ["# Flow-map distillation: time per step and peak memory", "",
              f"FlowMapTrainer on the digits networks ({rows[0]['params']:,} student parameters, width "
              f"{rows[0]['width']}), {environment}. Median over the timed steps; memory: {rows[0]['memory']}.", "",
-             "| objective | batch | ms / step | peak MB |", "|---|---|---|---|"]
+             "Machine load (1-minute average) is recorded per row: on a shared machine it inflates the times.", "",
+             "| objective | batch | ms / step | peak MB | load |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['objective']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} |")
+        lines.append(f"| {r['objective']} | {r['batch']} | {r['ms_per_step']:.1f} | {r['peak_mb']:.0f} | "
+                     f"{r['load_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", nargs=5, metavar=("OBJECTIVE", "BATCH", "WIDTH", "STEPS", "DEVICE"))
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256])
     parser.add_argument("--width", type=int, default=256, help="network width (256: the shipped digits networks)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     parser.add_argument("--device", default="cpu")
