@@ -149,6 +149,21 @@ def samplers(args):
     return out
 
 
+@scenario
+def distill(args):
+    """The flow-map trainer on the closed-form toy, data-parallel: losses, weights and EMA after the run."""
+    from distill_toy import Student, data, settings, teacher
+
+    from fmtt_core.flow_maps import FlowMapTrainer
+
+    module = Student()
+    trainer = FlowMapTrainer(module, teacher, data, settings(**args))
+    losses = trainer.run()
+    return {"losses": torch.tensor(losses, dtype=torch.float64),
+            **{f"model.{k}": v for k, v in module.state_dict().items()},
+            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}}
+
+
 def main():
     name, out, args = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     fd.init_from_env("gloo", timeout_s=float(os.environ.get("FMTT_DIST_TIMEOUT", 20)))

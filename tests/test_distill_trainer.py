@@ -1,0 +1,147 @@
+"""The flow-map distillation loop (fmtt_core.flow_maps.trainer): it learns the closed-form toy's flow map, a run
+stopped and resumed from its saved state is bit for bit the uninterrupted run, bad resume files are refused, and
+2 gloo processes equal one process at the same global batch."""
+import json
+
+import pytest
+import torch
+
+from fmtt_core import FMTTInputError, FMTTNumericalError
+from fmtt_core.flow_maps import FlowMapTrainer, flow_map_from_student
+from fmtt_testing.dist_tools import launch, results_of
+from fmtt_testing.distill_toy import Student, data, exact_map, settings, teacher
+
+
+def _one_jump_error(module, n=512):
+    """RMS of X_{0,1}(x0) against the exact map, on held-out noise."""
+    g = torch.Generator().manual_seed(123)
+    x0 = torch.randn(n, 2, generator=g)
+    zero, one = torch.zeros(n), torch.ones(n)
+    with torch.no_grad():
+        return float((flow_map_from_student(module)(x0, zero, one) - exact_map(x0, zero, one)).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("objective", ["lsd", "psd"])
+def test_trainer_learns_the_exact_flow_map(objective):
+    module = Student()
+    before = _one_jump_error(module)
+    trainer = FlowMapTrainer(module, teacher, data, settings(objective=objective, steps=400, batch=64, lr=3e-3,
+                                                             ema_decay=0.0, lr_warmup_steps=20,
+                                                             derivative_warmup_steps=50))
+    losses = trainer.run()
+    after = _one_jump_error(module)
+    assert len(losses) == 400
+    assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
+    # The exact map moves x0 by ~1.6 RMS; the trained student lands within a fraction of that.
+    assert after < 0.25 * before and after < 0.15, (before, after)
+
+
+def _state(trainer):
+    opt = trainer.optimizer.state_dict()["state"]
+    return ([v.clone() for v in trainer.module.state_dict().values()],
+            [v.clone() for v in trainer.ema.state_dict().values()],
+            [opt[i][k].clone() for i in sorted(opt) for k in sorted(opt[i])],
+            trainer.generator.get_state(), torch.get_rng_state())
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("objective", ["lsd", "psd"])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, objective):
+    cfg = settings(objective=objective, steps=12)
+    torch.manual_seed(99)
+    straight = FlowMapTrainer(Student(dropout=0.1), teacher, data, cfg, out_dir=tmp_path / "a")
+    straight.run()
+    reference = _state(straight)
+
+    torch.manual_seed(99)
+    first = FlowMapTrainer(Student(dropout=0.1), teacher, data, cfg, out_dir=tmp_path / "b")
+    first.run(should_stop=lambda: first.step >= 5)  # a Cancel after 5 steps saves the state
+    assert first.step == 5 and (tmp_path / "b" / "state.safetensors").is_file()
+    torch.manual_seed(0)  # the process's RNG moves on; resume restores it
+    second = FlowMapTrainer(Student(dropout=0.1, seed=7), teacher, data, cfg, out_dir=tmp_path / "b")
+    second.resume(tmp_path / "b")
+    assert second.step == 5
+    second.run()
+    assert second.losses == straight.losses  # the whole loss curve, float for float
+    module, ema, opt, gen, rng = _state(second)
+    assert _equal(module, reference[0]) and _equal(ema, reference[1]) and _equal(opt, reference[2])
+    assert torch.equal(gen, reference[3]) and torch.equal(rng, reference[4])
+
+
+def test_state_file_is_safetensors_with_a_json_header(tmp_path):
+    from safetensors import safe_open
+
+    trainer = FlowMapTrainer(Student(), teacher, data, settings(steps=3, save_every=2), out_dir=tmp_path)
+    seen = []
+    trainer.save = (lambda save: lambda path=None: (seen.append(trainer.step), save(path))[1])(trainer.save)
+    trainer.run()
+    assert seen == [2, 3]  # every save_every steps, and at the end
+    with safe_open(str(tmp_path / "state.safetensors"), "pt") as f:
+        header = json.loads(f.metadata()["fmtt.trainer_state"])
+        keys = set(f.keys())
+    assert header["step"] == 3 and len(header["losses"]) == 3 and header["settings"]["objective"] == "lsd"
+    assert {"rng.generator", "rng.torch"} <= keys and any(k.startswith("optimizer.") for k in keys)
+    assert any(k.startswith("ema.") for k in keys) and any(k.startswith("model.") for k in keys)
+
+
+def test_resume_refuses_another_model_other_settings_and_other_files(tmp_path):
+    FlowMapTrainer(Student(), teacher, data, settings(steps=2), out_dir=tmp_path).run()
+    with pytest.raises(FMTTInputError, match="another model"):
+        FlowMapTrainer(Student(width=32), teacher, data, settings()).resume(tmp_path)
+    with pytest.raises(FMTTInputError, match=r"other settings \(lr=0.003\)"):
+        FlowMapTrainer(Student(), teacher, data, settings(lr=1e-3)).resume(tmp_path)
+    with pytest.raises(FMTTInputError, match="saved while distilling"):
+        FlowMapTrainer(Student(), teacher, data, settings(), identity={"base_model": "abc"}).resume(tmp_path)
+    longer = FlowMapTrainer(Student(), teacher, data, settings(steps=4))  # more steps: allowed
+    longer.resume(tmp_path)
+    assert longer.run() and longer.step == 4
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(FMTTInputError, match="not a flow-map trainer state"):
+        FlowMapTrainer(Student(), teacher, data, settings()).resume(tmp_path / "other.safetensors")
+    with pytest.raises(FMTTInputError, match="does not exist"):
+        FlowMapTrainer(Student(), teacher, data, settings()).resume(tmp_path / "missing.safetensors")
+
+
+def test_log_records_and_previews():
+    records, previews = [], []
+    trainer = FlowMapTrainer(Student(), teacher, data, settings(steps=6, log_every=2, preview_every=3),
+                             on_log=records.append, on_preview=lambda tr: previews.append(tr.step))
+    trainer.run()
+    assert [r["step"] for r in records] == [2, 4, 6] and previews == [3, 6]
+    assert records[0]["loss"] == pytest.approx(sum(trainer.losses[:2]) / 2)
+    assert records[0]["derivative_weight"] == pytest.approx((0 + 0.25) / 2)  # the warmup over 4 steps
+
+
+def test_a_diverging_run_stops_before_the_step_with_the_weights_intact(tmp_path):
+    module = Student()
+    trainer = FlowMapTrainer(module, lambda x, t: x * float("nan"), data, settings(steps=3))
+    before = [p.clone() for p in module.parameters()]
+    with pytest.raises(FMTTNumericalError, match="lower lr"):
+        trainer.run()
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(FMTTInputError, match="objective"):
+        FlowMapTrainer(Student(), teacher, data, settings(objective="esd"))
+    with pytest.raises(FMTTInputError, match="no trainable parameters"):
+        FlowMapTrainer(Student().requires_grad_(False), teacher, data, settings())
+
+
+def test_two_gloo_processes_equal_one_process_at_the_same_global_batch(tmp_path):
+    args = {"steps": 6, "batch": 8}
+    ranks = results_of(launch("distill", 2, tmp_path, args=args, timeout=120))
+    module = Student()
+    trainer = FlowMapTrainer(module, teacher, data, settings(**args))
+    one = torch.tensor(trainer.run(), dtype=torch.float64)
+    for r in ranks:
+        assert torch.allclose(r["losses"], one, rtol=1e-5, atol=1e-7), (r["losses"], one)
+        for k, v in module.state_dict().items():
+            assert torch.allclose(r[f"model.{k}"], v, rtol=1e-4, atol=1e-6)
+            assert torch.allclose(r[f"ema.{k}"], trainer.ema.state_dict()[k], rtol=1e-4, atol=1e-6)
+    # Every rank holds exactly the same weights (they apply the same averaged gradients).
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
