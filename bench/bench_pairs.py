@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the digits bench's summaries, also when imported by a test
-from bench_digits import output_folder, rows_json, summarise  # noqa: E402
+from bench_digits import RESULTS, output_folder, rows_json, summarise  # noqa: E402
 
 from fmtt_core import DenoiserLookahead, FlowMapLookahead, ODELookahead  # noqa: E402
 from fmtt_demo.methods import METHODS  # noqa: E402
@@ -132,6 +132,8 @@ def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    # 20 distinct colours (the default cycle repeats after 10 and there are 11-12 methods).
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])
     return plt
 
 
@@ -299,29 +301,47 @@ def gated_plot(records, ref, path: Path) -> None:
 
     plt = _plt()
     rows = ba.summarise(records, {"gated cells": ref})
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["method"] for r in rows):
+    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(11, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(dict.fromkeys(r["method"] for r in rows)):
         sel = sorted((r for r in rows if r["method"] == name), key=lambda r: r["N"])
         per = np.mean([r["passes_per_particle"] for r in records if r["method"] == name])
         x = [r["N"] * per for r in sel]
         style = "-" if name.startswith("FMTT") else "--"
         if name.startswith("i.i.d."):
             style = ":"
-        ax_s.plot(x, [r["success"][0] for r in sel], style, marker="o", markersize=3, label=name)
-        if "energy" in sel[0]:
-            ax_e.plot(x, [max(r["energy"][0], 1e-4) for r in sel], style, marker="o", markersize=3, label=name)
+        look = dict(marker="o", markersize=3, label=name, color=colours[i % len(colours)])
+        ax_s.plot(x, [r["success"][0] for r in sel], style, **look)
+        if "energy" in sel[0]:  # the same colour in both panels
+            ax_e.plot(x, [max(r["energy"][0], 1e-4) for r in sel], style, **look)
     ax_s.axhline(ref.success_rate, color="k", linewidth=0.8)
     ax_s.set(xscale="log", xlabel="network passes per run", ylabel="success (in a cell)",
              title="gated cells: success (line: exact tilted law)")
     ax_e.set(xscale="log", yscale="log", xlabel="network passes per run", ylabel="energy distance",
              title="error to the exact tilted law")
-    ax_s.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax_s.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ main
+
+def replot(folder: Path) -> int:
+    import json
+
+    if (folder / "pairs_accuracy.json").is_file():
+        rows = json.loads((folder / "pairs_accuracy.json").read_text())
+        accuracy_plot(rows, list(dict.fromkeys(r["constraint"] for r in rows)), folder / "pairs_accuracy.png")
+    if (folder / "pairs_lookahead.json").is_file():
+        lookahead_plot(json.loads((folder / "pairs_lookahead.json").read_text()), folder / "pairs_lookahead.png")
+    if (folder / "pairs_gated.json").is_file():
+        import bench_analytic as ba
+        gated_plot(json.loads((folder / "pairs_gated.json").read_text()), ba.Reference.of(gated_target(), 2000),
+                   folder / "pairs_gated.png")
+    return 0
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -330,7 +350,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one budget, two seeds, two constraints, 20 steps")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results, with --quick "
                                                                "bench/results/quick)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plots from the JSON files in --out")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.out or RESULTS)
     try:
         args.out = output_folder(args.out, args.quick)
     except ValueError as e:

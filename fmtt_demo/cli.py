@@ -198,6 +198,8 @@ def main(argv=None) -> int:
         try:
             check_out_folder(args.out)
             if args.task == "pairs":
+                if group is not None:
+                    raise ValueError("--task pairs runs in one process; start it without torchrun.")
                 from .pairs.cli import headline, run_from_args
                 runs, settings = run_from_args(args)
                 print(headline(settings) + "\n" + format_table(runs, None, settings["samples_handed_on"]))

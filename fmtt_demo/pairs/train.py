@@ -125,6 +125,8 @@ def model_card(metrics: dict) -> str:
     rates = " | ".join(f"{v:.1%}" for v in base["constraint_rates"].values())
     hist = lambda h: " ".join(f"{v:.0%}" for v in h)  # noqa: E731
     t = metrics["timings"]
+    both = [a + b for a, b in zip(base["judge_left_histogram"], base["judge_right_histogram"])]
+    top = f"{both.index(max(both))}, {max(both) / 2:.0%} of digits"
     return f"""# Model card: FMTT pair-task models
 
 The base model of the two-digit task (`fmtt demo --task pairs`, bench/bench_pairs.py): canvases of two of
@@ -172,8 +174,8 @@ Weights are stored as float16 (the metrics below are of the stored weights).
 |---:|---:|---:|---:|
 | {rates} |
 
-Uniform independent digits would give 9%, 10%, 1%, 15%; the base model's own class frequencies (it over-produces
-8s) set its rates.
+Uniform independent digits would give 9%, 10%, 1%, 15%; the base model's own class frequencies (its most
+frequent digit is {top}) set its rates.
 """
 
 
