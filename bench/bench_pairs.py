@@ -33,7 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the digits bench's summaries, also when imported by a test
 from bench_digits import RESULTS, output_folder, rows_json, summarise  # noqa: E402
 
-from fmtt_core import DenoiserLookahead, FlowMapLookahead, ODELookahead  # noqa: E402
+from fmtt_core import (  # noqa: E402
+    DenoiserLookahead,
+    FlowMapLookahead,
+    FMTTConfig,
+    ODELookahead,
+    base_sample,
+    time_grid,
+)
 from fmtt_demo.methods import METHODS  # noqa: E402
 from fmtt_demo.ode import heun_trajectory  # noqa: E402
 from fmtt_demo.pairs.constraints import PairConstraintReward, judge_calls  # noqa: E402
@@ -168,26 +175,43 @@ def lookaheads(models) -> dict:
             "flow map": FlowMapLookahead(models.flow_map, jumps=1)}
 
 
+def sde_states(models, x0, steps=STEPS, seed=0):
+    """The bench's base sampler (SDE, eta 1, `steps` steps): times [steps + 1] and states [steps + 1, N, ...]."""
+    seen = []
+    result = base_sample(models.denoiser, x0, time_grid(steps), config=FMTTConfig(eta=1.0, seed=seed),
+                         callback=lambda info: seen.append(info["x"].detach().clone()))
+    return torch.as_tensor(time_grid(steps), dtype=torch.float64), torch.stack(seen + [result.samples])
+
+
 @torch.no_grad()
 def run_lookahead(trajectories, times, constraints, models=None, seed=0, teacher_steps=60) -> list[dict]:
-    """For base probability-flow trajectories (Heun, fine): each look-ahead at x_t against the end point x_1.
-    An exact flow map scores correlation 1 and agreement 1 at every t: the gap is the look-ahead's error.
+    """Each look-ahead at x_t against the end point x_1 of the same trajectory, along two dynamics:
+    "ODE": base probability-flow trajectories (Heun, fine), where an exact flow map scores correlation 1 and
+    agreement 1 at every t, so the gap is the look-ahead's error; "SDE": the bench's base sampler (eta 1), whose
+    noise after t also moves the end point, so even an exact flow map falls short early.
     (ODE(1) is one Euler step from t to 1, i.e. the denoiser: the two rows coincide by construction.)"""
     models = models or load_pair_models()
     x0 = torch.randn((trajectories, *CANVAS_SHAPE), generator=torch.Generator().manual_seed(seed))
-    grid, states = heun_trajectory(models.velocity, x0, steps=teacher_steps)
-    end = states[-1]
+    rows = []
+    for dynamics, (grid, states) in (("ODE", heun_trajectory(models.velocity, x0, steps=teacher_steps)),
+                                     ("SDE", sde_states(models, x0, seed=seed))):
+        rows += _lookahead_rows(models, grid, states, times, constraints, dynamics)
+    return rows
+
+
+def _lookahead_rows(models, grid, states, times, constraints, dynamics):
+    end, trajectories, steps = states[-1], states.shape[1], len(grid) - 1
     rewards = {c: PairConstraintReward(models.classifier, c) for c in constraints}
     end_calls = judge_calls(models.judge, end)
     end_r = {c: r(end) for c, r in rewards.items()}
     rows = []
     for t in times:
-        k = int(round(t * teacher_steps))
+        k = int(round(t * steps))
         x, tk = states[k], torch.full((trajectories,), float(grid[k]))
         for name, look in lookaheads(models).items():
             y = look(x, tk)
             calls = judge_calls(models.judge, y)
-            row = {"t": float(grid[k]), "lookahead": name,
+            row = {"dynamics": dynamics, "t": float(grid[k]), "lookahead": name,
                    "pair_agreement": float((calls == end_calls).all(1).float().mean()),
                    "rms_error": float((y - end).flatten(1).pow(2).mean(1).sqrt().mean())}
             for c, r in rewards.items():
@@ -200,37 +224,54 @@ def run_lookahead(trajectories, times, constraints, models=None, seed=0, teacher
     return rows
 
 
+DYNAMICS = {"ODE": "base probability-flow trajectories (Heun; an exact flow map scores {exact} at every t)",
+            "SDE": f"trajectories of the bench's base sampler (SDE, eta 1, {STEPS} steps; its noise after t moves the "
+                   "end point, so even an exact flow map falls short early)"}
+
+
 def lookahead_markdown(rows, trajectories) -> str:
     names = list(dict.fromkeys(r["lookahead"] for r in rows))
-    times = sorted({r["t"] for r in rows})
-    get = lambda name, t, key: next(r[key] for r in rows if r["lookahead"] == name and r["t"] == t)  # noqa: E731
     lines = []
-    for key, title in (("corr_mean", "Correlation of the look-ahead's reward at t with the end point's reward "
-                        "(Pearson, mean over the constraints)"),
-                       ("pair_agreement", "Judge reads the same pair on the look-ahead as on the end point"),
-                       ("rms_error", "RMS pixel error of the look-ahead against the end point")):
-        lines += [f"{title}; {trajectories} base probability-flow trajectories (Heun), exact flow map = "
-                  f"{'0' if key == 'rms_error' else '1'} at every t:", "",
-                  "| look-ahead | " + " | ".join(f"t={t:.2f}" for t in times) + " |", "|---|" + "---:|" * len(times)]
-        lines += [f"| {n} | " + " | ".join(f"{get(n, t, key):.3f}" for t in times) + " |" for n in names]
-        lines.append("")
+    for dynamics in dict.fromkeys(r["dynamics"] for r in rows):
+        sel = [r for r in rows if r["dynamics"] == dynamics]
+        times = sorted({r["t"] for r in sel})
+        by = {(r["lookahead"], r["t"]): r for r in sel}
+        for key, title, exact in (
+                ("corr_mean", "Correlation of the look-ahead's reward at t with the end point's reward (Pearson, "
+                 "mean over the constraints)", "1"),
+                ("pair_agreement", "Judge reads the same pair on the look-ahead as on the end point", "1"),
+                ("rms_error", "RMS pixel error of the look-ahead against the end point", "0")):
+            lines += [f"**{dynamics}.** {title}; {trajectories} " + DYNAMICS[dynamics].format(exact=exact) + ":", "",
+                      "| look-ahead | " + " | ".join(f"t={t:.2f}" for t in times) + " |",
+                      "|---|" + "---:|" * len(times)]
+            lines += [f"| {n} | " + " | ".join(f"{by[(n, t)][key]:.3f}" for t in times) + " |" for n in names]
+            lines.append("")
     return "\n".join(lines)
 
 
 def lookahead_plot(rows, path: Path) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for name in dict.fromkeys(r["lookahead"] for r in rows):
-        sel = sorted((r for r in rows if r["lookahead"] == name), key=lambda r: r["t"])
-        t = [r["t"] for r in sel]
-        style = dict(linestyle=":" if name == "ODE(1)" else "-", marker="o", markersize=3, label=name)
-        for ax, key in zip(axes, ("corr_mean", "pair_agreement", "rms_error")):
-            ax.plot(t, [r[key] for r in sel], **style)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = [n for n in dict.fromkeys(r["lookahead"] for r in rows) if n != "ODE(1)"]  # ODE(1) = denoiser
+    for i, name in enumerate(names):
+        for dynamics, linestyle in (("ODE", "-"), ("SDE", "--")):
+            sel = sorted((r for r in rows if r["lookahead"] == name and r.get("dynamics", "ODE") == dynamics),
+                         key=lambda r: r["t"])
+            if not sel:
+                continue
+            t = [r["t"] for r in sel]
+            style = dict(linestyle=linestyle, marker="o", markersize=3, color=colours[i],
+                         label=f"{name}, {dynamics}" + (" (= ODE(1))" if name == "denoiser" else ""))
+            for ax, key in zip(axes, ("corr_mean", "pair_agreement", "rms_error")):
+                ax.plot(t, [r[key] for r in sel], **style)
     axes[0].set(xlabel="t (0 noise, 1 data)", ylabel="corr(r(look-ahead at t), r(x_1))", ylim=(-0.05, 1.02),
                 title="reward predicted at t vs final reward")
     axes[1].set(xlabel="t", ylabel="judge reads the same pair", ylim=(0, 1.02), title="judge's call agreement")
     axes[2].set(xlabel="t", ylabel="RMS pixel error", title="look-ahead error")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("solid: along the base ODE (exact flow map = 1 / 1 / 0); dashed: along the base SDE the "
+                 "samplers use", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
