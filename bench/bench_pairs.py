@@ -59,11 +59,12 @@ LOOKAHEAD_TIMES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 # ------------------------------------------------------------------------------------------ accuracy
 
-def run_accuracy(budgets, seeds, constraints, steps=STEPS, methods=PAIR_METHODS, models=None, log=print):
+def run_accuracy(budgets, seeds, constraints, steps=STEPS, methods=PAIR_METHODS, models=None, log=print,
+                 eta=1.0, reward_scale=REWARD_SCALE):
     models = models or load_pair_models()
     rows, start = [], time.perf_counter()
     for constraint in constraints:
-        setup = pair_setup(models, constraint)
+        setup = pair_setup(models, constraint, reward_scale=reward_scale, eta=eta)
         for n_ref in budgets:
             for seed in seeds:
                 for key in methods:
@@ -100,7 +101,7 @@ def gap_fk(rows) -> dict:
     return out
 
 
-def accuracy_markdown(rows, constraints, steps) -> str:
+def accuracy_markdown(rows, constraints, steps, eta=1.0, reward_scale=REWARD_SCALE) -> str:
     budgets = sorted({r["budget_particles"] for r in rows})
     seeds = sorted({r["seed"] for r in rows})
     summary = summarise(rows)
@@ -108,8 +109,8 @@ def accuracy_markdown(rows, constraints, steps) -> str:
     head = "| method | " + " | ".join(f"{ref[b][2]:.0f} (N={b})" for b in budgets) + " |"
     lines = [f"Judge success (mean ± std over {len(seeds)} seeds of the average over constraints "
              f"{', '.join(constraints)}); columns: network passes per handed-on sample of FMTT exact (flow map) "
-             f"with N particles; every other method spends the same budget ({steps} steps, beta {REWARD_SCALE:g}, "
-             f"{N_OUT} samples handed on per run).", "", head, "|---|" + "---:|" * len(budgets)]
+             f"with N particles; every other method spends the same budget ({steps} steps, eta {eta:g}, "
+             f"beta {reward_scale:g}, {N_OUT} samples handed on per run).", "", head, "|---|" + "---:|" * len(budgets)]
     lines += [f"| {METHODS[m].label} | " + " | ".join(_cell(c, b) for b in budgets) + " |" for m, c in summary.items()]
     gap = gap_fk(rows)
     lines += ["", "FMTT exact (flow map) minus FK steering (diff), points of judge success (± standard error over "
@@ -398,6 +399,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default bench/results, with --quick "
                                                                "bench/results/quick)")
     parser.add_argument("--replot", action="store_true", help="redraw the plots from the JSON files in --out")
+    parser.add_argument("--eta", type=float, default=1.0, help="SDE noise of every sampler (accuracy part)")
+    parser.add_argument("--beta", type=float, default=REWARD_SCALE, help="reward scale (accuracy part)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods (accuracy part)")
     args = parser.parse_args(argv)
     if args.replot:
         return replot(args.out or RESULTS)
@@ -414,11 +418,16 @@ def main(argv=None) -> int:
         else:
             budgets, seeds, constraints, steps = BUDGETS, range(args.seeds), CONSTRAINTS, STEPS
         print(f"accuracy: constraints {constraints}, FMTT particles {budgets}, seeds {list(seeds)}, {steps} steps")
-        rows = run_accuracy(budgets, seeds, constraints, steps, models=models)
-        (args.out / "pairs_accuracy.json").write_text(rows_json(rows))
-        md = accuracy_markdown(rows, constraints, steps)
-        (args.out / "pairs_accuracy.md").write_text(md)
-        accuracy_plot(rows, constraints, args.out / "pairs_accuracy.png")
+        methods = args.methods.split(",") if args.methods else PAIR_METHODS
+        rows = run_accuracy(budgets, seeds, constraints, steps, methods, models=models, eta=args.eta,
+                            reward_scale=args.beta)
+        # Non-default knobs get their own files, so the default table stays.
+        stem = "pairs_accuracy" + ("" if (args.eta, args.beta) == (1.0, REWARD_SCALE) else
+                                   f"_eta{args.eta:g}_beta{args.beta:g}")
+        (args.out / f"{stem}.json").write_text(rows_json(rows))
+        md = accuracy_markdown(rows, constraints, steps, args.eta, args.beta)
+        (args.out / f"{stem}.md").write_text(md)
+        accuracy_plot(rows, constraints, args.out / f"{stem}.png")
         print(md)
     if args.part in ("all", "lookahead"):
         trajectories = QUICK["trajectories"] if args.quick else 512
