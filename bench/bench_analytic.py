@@ -52,6 +52,7 @@ class Target:
     reward: Callable[[torch.Tensor], torch.Tensor]   # unscaled r(x)
     tilted: GaussianMixture                          # exact law of p_data * exp(beta r)
     beta: float
+    success: Callable[[torch.Tensor], torch.Tensor] | None = None  # [N] in {0, 1}: the sample is a "hit"
 
 
 def ring_target(beta: float = 1.0) -> Target:
@@ -180,6 +181,8 @@ class Reference:
     samples: torch.Tensor
     yy_term: float
     reward_mean: float
+    success: Callable[[torch.Tensor], torch.Tensor] | None = None
+    success_rate: float | None = None  # of the exact tilted law
 
     @classmethod
     def of(cls, target: Target, n_samples: int) -> Reference:
@@ -187,7 +190,8 @@ class Reference:
         y = law.sample(n_samples, torch.Generator().manual_seed(12345))
         big = law.sample(200_000, torch.Generator().manual_seed(54321))  # E[r] to ~1e-3
         return cls(law.mean(), law.cov().diag().sqrt(), law.cov(), y, float(torch.cdist(y, y).mean()),
-                   float(target.reward(big).mean()))
+                   float(target.reward(big).mean()), target.success,
+                   float(target.success(big).double().mean()) if target.success else None)
 
 
 def population_metrics(x: torch.Tensor, w: torch.Tensor, ref: Reference) -> dict:
@@ -210,6 +214,10 @@ def run_metrics(method: Method, res: fc.FMTTResult, ref: Reference, n: int) -> d
         out["reward_best"] = float(r[res.best_index])
     else:
         out["reward"] = float(res.weights @ torch.nan_to_num(r, nan=0.0))
+    if ref.success is not None:  # hit rate of what the method hands on, read like its reward
+        hit = ref.success(res.samples).double()
+        out["success"] = float(hit[res.best_index] if method.reward_kind == "best" else
+                               hit.mean() if method.reward_kind == "population" else res.weights.double() @ hit)
     if method.scored:
         out.update(population_metrics(res.samples, res.weights, ref))
     if method.weighted:
@@ -246,6 +254,7 @@ def run_benchmark(cfg: Config, log=print) -> tuple[list[dict], dict[str, Referen
                 iid = target.tilted.sample(n, torch.Generator().manual_seed(2000 + seed))
                 records.append({"target": target.name, "method": IID, "N": n, "seed": seed,
                                 "total_model_nfe": n * cfg.setting.steps, "reward": float(target.reward(iid).mean()),
+                                **({"success": float(target.success(iid).double().mean())} if target.success else {}),
                                 **population_metrics(iid, torch.full((n,), 1.0 / n, dtype=torch.float64), ref)})
                 for method in cfg.methods:
                     start = time.perf_counter()
@@ -271,7 +280,7 @@ def summarise(records: list[dict], references: dict) -> list[dict]:
     for (target, method, n), recs in groups.items():
         row = {"target": target, "method": method, "N": n, "seeds": len(recs)}
         for key in ("nfe_model", "nfe_backward", "total_model_nfe", "mean_err", "cov_err", "energy",
-                    "ess_frac", "resamples", "thermo", "reward", "reward_best", "seconds"):
+                    "ess_frac", "resamples", "thermo", "reward", "reward_best", "success", "seconds"):
             if key in recs[0]:
                 row[key] = _seed_stats([r[key] for r in recs])
         if "mean_vec" in recs[0] and len(recs) > 1:

@@ -128,3 +128,30 @@ def ring_mixture(modes: int = 8, radius: float = 4.0, std: float = 0.5, dim: int
     means = torch.zeros(modes, dim, dtype=torch.float64)
     means[:, 0], means[:, 1] = radius * torch.cos(ang), radius * torch.sin(ang)
     return GaussianMixture(torch.ones(modes), means, torch.full((modes, dim), std ** 2))
+
+
+def gated_reward(centres: torch.Tensor, width: float, floor: float):
+    """r(x) = log(floor + sum_j exp(-|x - c_j|^2 / (2 width^2))): flat (log floor) everywhere but in thin
+    cells around the centres c_j [J, d]. A look-ahead that lands between the cells sees no signal at all."""
+    centres = torch.as_tensor(centres)
+
+    def reward(x):
+        sq = ((x[:, None, :] - centres.to(x.dtype)[None]) ** 2).sum(-1)      # [N, J]
+        return torch.logsumexp(torch.cat([torch.full_like(sq[:, :1], math.log(floor)), -sq / (2 * width ** 2)], 1), 1)
+    return reward
+
+
+def tilt_gated(mixture: GaussianMixture, centres: torch.Tensor, width: float, floor: float) -> GaussianMixture:
+    """Law of p(x) exp(gated_reward(x)) = p(x) (floor + sum_j bump_j(x)): again a mixture. `floor * p` keeps
+    p's components; each p_i * bump_j is a Gaussian (tilt_quadratic's) of mass
+    pi_i prod_d sqrt(w^2 / (v_i + w^2)) exp(-(c_j - mu_i)^2 / (2 (v_i + w^2)))."""
+    c = torch.as_tensor(centres, dtype=torch.float64)                          # [J, d]
+    w2 = width ** 2
+    mu, v, log_pi = mixture.means[None], mixture.variances[None], torch.log(mixture.weights)[None]  # [1, K, d]
+    var = (1 / (1 / v + 1 / w2)).expand(c.shape[0], -1, -1)
+    mean = var * (mu / v + c[:, None, :] / w2)                                 # [J, K, d]
+    log_mass = log_pi + (0.5 * torch.log(w2 / (v + w2)) - (c[:, None, :] - mu) ** 2 / (2 * (v + w2))).sum(-1)
+    means = torch.cat([mixture.means, mean.reshape(-1, mixture.dim)])
+    variances = torch.cat([mixture.variances, var.reshape(-1, mixture.dim)])
+    log_w = torch.cat([math.log(floor) + torch.log(mixture.weights), log_mass.reshape(-1)])
+    return GaussianMixture(torch.softmax(log_w, 0), means, variances)

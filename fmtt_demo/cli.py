@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FMTT vs baselines on the bundled digits models (CPU, offline)",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--task", choices=("digits", "pairs"), default="digits",
+                      help="digits: one 8x8 digit (default); pairs: two digits side by side, steered toward "
+                           "--constraint (fmtt_demo.pairs)")
+    demo.add_argument("--constraint", default=None,
+                      help="with --task pairs: a preset (sum10, same, pair38, left_larger5) or an expression in a "
+                           "(left digit) and b (right digit), e.g. \"a + b == 10\" (default sum10)")
     demo.add_argument("--target-class", type=int, default=3, choices=range(10), metavar="{0..9}",
                       help="digit to steer toward with the classifier reward (default 3)")
     demo.add_argument("--reward", choices=REWARDS, default="classifier",
@@ -267,6 +273,15 @@ def main(argv=None) -> int:
         rank = group.rank() if group is not None else 0
         try:
             check_out_folder(args.out)
+            if args.task == "pairs":
+                if group is not None:
+                    raise ValueError("--task pairs runs in one process; start it without torchrun.")
+                from .pairs.cli import headline, run_from_args
+                runs, settings = run_from_args(args)
+                print(headline(settings) + "\n" + format_table(runs, None, settings["samples_handed_on"]))
+                paths = write_results(runs, settings, args.out)
+                print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+                return 0
             runs, settings = run_demo(
                 target_class=args.target_class, reward=args.reward, particles=args.particles, samples=args.samples,
                 steps=args.steps, mode=args.mode, methods=args.methods, reward_scale=args.reward_scale, eta=args.eta,

@@ -13,6 +13,9 @@ and step that makes
                                                     an upper bound, charged whether or not they are made)
     FMTT search / zero-order, flow map      1 + 3J / 1 + J
     FMTT exact, denoiser look-ahead         4      (denoiser + backward + the advective steps' look-ahead)
+    FMTT search, denoiser look-ahead        3
+    FMTT exact, ODE(k) look-ahead           4k     (reuses the denoiser call: k - 1 forwards, backward
+                                                    through k, k advective forwards; k = Setup.ode_steps)
 
 and each method gets the particle count that spends what FMTT-exact with the flow map spends
 (`matched_particles`). The table reports the passes each method actually made, from fmtt_core's counter.
@@ -37,6 +40,7 @@ from fmtt_core import (
     FlowMapLookahead,
     FMTTConfig,
     FMTTResult,
+    ODELookahead,
     base_sample,
     best_of_n,
     fk_steering,
@@ -54,6 +58,7 @@ class Setup:
     reward_scale: float = 1.0
     eta: float = 1.0
     jumps: int = 1                  # flow-map jumps per look-ahead
+    ode_steps: int = 2              # Euler steps of the base ODE per look-ahead ("fmtt_ode")
     ess_threshold: float = 0.5
     chunk_size: int | None = None
     sharded: bool = False           # spread each population over the ranks of the default process group
@@ -73,6 +78,10 @@ def _flow_map(setup: Setup) -> dict:
 
 def _denoiser(setup: Setup) -> dict:
     return {"lookahead": DenoiserLookahead(setup.denoiser)}
+
+
+def _ode(setup: Setup) -> dict:
+    return {"lookahead": ODELookahead(setup.denoiser, steps=setup.ode_steps)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ METHODS = {m.key: m for m in [
     Method("fmtt_exact", "FMTT exact, flow map", "weights", lambda s: 1 + 4 * s.jumps, fmtt_sample, "exact", _flow_map),
     Method("fmtt_search", "FMTT search, flow map", "top", lambda s: 1 + 3 * s.jumps, fmtt_sample, "search", _flow_map),
     Method("fmtt_denoiser", "FMTT exact, denoiser", "weights", lambda s: 4, fmtt_sample, "exact", _denoiser),
+    Method("fmtt_search_denoiser", "FMTT search, denoiser", "top", lambda s: 3, fmtt_sample, "search", _denoiser),
+    # ODE(k) reuses the step's denoiser call: k - 1 more forwards, a backward through all k, k advective forwards.
+    Method("fmtt_ode", "FMTT exact, ODE(k)", "weights", lambda s: 4 * s.ode_steps, fmtt_sample, "exact", _ode),
     Method("fmtt_zero_order", "FMTT zero-order, flow map", "weights", lambda s: 1 + s.jumps, fmtt_sample, "zero_order",
            _flow_map),
 ]}
@@ -146,9 +158,9 @@ def draw_handed_on(method: Method, result: FMTTResult, k: int, seed: int = 0) ->
     return result.samples[:k]
 
 
-def make_x_init(particles: int, seed: int) -> torch.Tensor:
-    """Noise at t = 0 for `particles` particles, from the seed alone."""
-    return torch.randn((particles, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+def make_x_init(particles: int, seed: int, shape: tuple[int, ...] = (1, 8, 8)) -> torch.Tensor:
+    """Noise at t = 0 for `particles` particles of `shape`, from the seed alone."""
+    return torch.randn((particles, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass

@@ -56,14 +56,14 @@ class FiLMBlock(nn.Module):
 
 
 class ResMLP(nn.Module):
-    """x [B, 64] and conditioning features c [B, cond_dim] -> [B, 64]."""
+    """x [B, pixels] and conditioning features c [B, cond_dim] -> [B, pixels]."""
 
-    def __init__(self, cond_dim: int, width: int, depth: int):
+    def __init__(self, cond_dim: int, width: int, depth: int, pixels: int = PIXELS):
         super().__init__()
-        self.inp = nn.Linear(PIXELS, width)
+        self.inp = nn.Linear(pixels, width)
         self.cond = nn.Sequential(nn.Linear(cond_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(FiLMBlock(width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, PIXELS))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, pixels))
 
     def forward(self, x, c):
         h, c = self.inp(x), F.silu(self.cond(c))
@@ -78,11 +78,14 @@ def _as_times(t, x: torch.Tensor) -> torch.Tensor:
 
 
 class VelocityNet(nn.Module):
-    def __init__(self, width: int = 256, depth: int = 3, n_freq: int = 12):
+    def __init__(self, width: int = 256, depth: int = 3, n_freq: int = 12, pixels: int = PIXELS):
         super().__init__()
+        # `pixels` only when not the 8x8 default, so the shipped single-digit files keep their header.
         self.config = {"width": width, "depth": depth, "n_freq": n_freq}
+        if pixels != PIXELS:
+            self.config["pixels"] = pixels
         self.n_freq = n_freq
-        self.net = ResMLP(2 * n_freq, width, depth)
+        self.net = ResMLP(2 * n_freq, width, depth, pixels)
 
     def forward(self, x, t):
         """v(x, t) for x [B, 1, 8, 8] and t a float or [B]."""
@@ -98,11 +101,14 @@ class VelocityNet(nn.Module):
 class FlowMapNet(nn.Module):
     """X(x, s, t) = x + (t - s) u(x, s, t): exact at t = s, and u(x, t, t) is the velocity."""
 
-    def __init__(self, width: int = 256, depth: int = 3, n_freq: int = 12):
+    def __init__(self, width: int = 256, depth: int = 3, n_freq: int = 12, pixels: int = PIXELS):
         super().__init__()
+        # `pixels` only when not the 8x8 default, so the shipped single-digit files keep their header.
         self.config = {"width": width, "depth": depth, "n_freq": n_freq}
+        if pixels != PIXELS:
+            self.config["pixels"] = pixels
         self.n_freq = n_freq
-        self.net = ResMLP(4 * n_freq, width, depth)
+        self.net = ResMLP(4 * n_freq, width, depth, pixels)
 
     def average_velocity(self, x, s, t):
         s, t = _as_times(s, x), _as_times(t, x)

@@ -53,7 +53,7 @@ def markdown_table(runs: list[MethodRun], target_class: int | None) -> str:
 
 
 def to_image(x: torch.Tensor) -> np.ndarray:
-    """[1, 8, 8] in [-1, 1] -> [8, 8] ink in [0, 1] (1 = full ink, drawn dark)."""
+    """[1, H, W] in [-1, 1] -> [H, W] ink in [0, 1] (1 = full ink, drawn dark)."""
     return ((x[0].clamp(-1, 1) + 1) / 2).cpu().numpy()
 
 
@@ -65,9 +65,10 @@ def save_samples_grid(runs: list[MethodRun], path: Path, per_row: int = 16, seed
     fig, axes = plt.subplots(len(runs), 1, figsize=(per_row * 0.55 + 2.6, len(runs) * 0.75 + 0.3), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         shown = draw_handed_on(run.method, run.result, per_row, seed)
-        strip = np.ones((8, per_row * 9 - 1))
+        h, w = shown.shape[-2:]  # 8x8 digits, 8x16 pairs
+        strip = np.ones((h, per_row * (w + 1) - 1))
         for i, x in enumerate(shown):
-            strip[:, i * 9:i * 9 + 8] = 1 - to_image(x)
+            strip[:, i * (w + 1):i * (w + 1) + w] = 1 - to_image(x)
         ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])

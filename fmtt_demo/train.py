@@ -92,8 +92,9 @@ def _optimise(model, steps, lr, loss_fn, ema=None, ema_decay=0.999, weight_decay
 
 # ------------------------------------------------------------------------------------ 1. velocity
 
-def train_velocity(x_train: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log=print) -> VelocityNet:
-    model = VelocityNet()
+def train_velocity(x_train: torch.Tensor, cfg: TrainConfig, gen: torch.Generator, log=print,
+                   model: VelocityNet | None = None) -> VelocityNet:
+    model = model or VelocityNet()
     ema = copy.deepcopy(model).requires_grad_(False)
     n, b = x_train.shape[0], cfg.velocity_batch
 
@@ -124,13 +125,14 @@ def flow_matching_loss(velocity, images: torch.Tensor, seed: int, repeats: int =
 
 # ------------------------------------------------------------------------------------ 2. flow map
 
-def teacher_pool(velocity, cfg: TrainConfig, gen: torch.Generator):
-    x0 = torch.randn((cfg.trajectories, 1, 8, 8), generator=gen)
+def teacher_pool(velocity, cfg: TrainConfig, gen: torch.Generator, shape=(1, 8, 8)):
+    x0 = torch.randn((cfg.trajectories, *shape), generator=gen)
     return heun_trajectory(velocity, x0, steps=cfg.teacher_steps)
 
 
-def distill_flow_map(velocity: VelocityNet, cfg: TrainConfig, gen: torch.Generator, log=print) -> FlowMapNet:
-    times, states = teacher_pool(velocity, cfg, gen)          # [M], [M, N, 1, 8, 8]
+def distill_flow_map(velocity: VelocityNet, cfg: TrainConfig, gen: torch.Generator, log=print,
+                     shape=(1, 8, 8)) -> FlowMapNet:
+    times, states = teacher_pool(velocity, cfg, gen, shape)   # [M], [M, N, *shape]
     times = times.float()
     m, n = states.shape[0], states.shape[1]
     model = FlowMapNet(**velocity.config)
