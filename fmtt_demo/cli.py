@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_number(int, MIN_STEPS), default=40,
                       help=f"sampler steps from t=0 to t=1, at least {MIN_STEPS} (default %(default)s)")
     demo.add_argument("--mode", choices=MODES, default="compare",
-                      help="compare: every method side by side (default); exact / search / zero_order: base "
-                           "sampling against that FMTT mode only")
+                      help="compare: every method side by side; exact / search / zero_order: base sampling against "
+                           "that FMTT mode only (default %(default)s)")
     demo.add_argument("--methods", default=None,
                       help=f"comma-separated subset, overrides --mode: {', '.join(METHODS)}")
     demo.add_argument("--reward-scale", type=_number(float, 0), default=None,

@@ -91,9 +91,10 @@ def save_samples_grid(runs: list[MethodRun], path: Path, per_row: int = 16, seed
     plt.close(fig)
 
 
-def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
+def save_traces_plot(runs: list[MethodRun], path: Path) -> dict[str, list[str]]:
     """Weighted mean look-ahead reward r(X_{t,1}(x_t)), ESS / N (markers at resampling) and the Eulerian
-    defect r_{t+h}(x + h b) - r_t(x) (how far each look-ahead is from the base flow map) against t."""
+    defect r_{t+h}(x + h b) - r_t(x) (how far each look-ahead is from the base flow map) against t.
+    Returns the methods drawn in each panel ("reward", "ess", "defect")."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,6 +142,8 @@ def save_traces_plot(runs: list[MethodRun], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return {name: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+            for name, ax in (("reward", ax_r), ("ess", ax_e), ("defect", ax_d)) if ax is not None}
 
 
 def results_dict(runs: list[MethodRun], settings: dict) -> dict:
