@@ -51,11 +51,14 @@ test: lint
 	@start=$$(date +%s); $(BIN)/pytest; rc=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (make test-fast runs the quick part)"; exit $$rc
 
-# Leaves out the statistical tests marked slow and the files that run whole demos, benchmarks, process
-# groups or real-model references; CI runs them all through `make test`.
-FAST_SKIP := tests/test_demo_cli.py
+# Leaves out the statistical tests marked slow, the multi-process (torch.distributed) tests and a few long
+# single tests; CI runs them all through `make test`.
+FAST_SKIP := tests/test_distributed_collectives.py tests/test_distributed_sampler.py tests/test_distributed_cli.py \
+	tests/test_bench_distributed.py tests/test_core_sde_steps.py::test_sharded \
+	tests/test_core_sde_steps.py::test_2m_base_chain_beats_euler tests/test_core_hard_cases.py::test_a_jump_off \
+	tests/test_core_hard_cases.py::test_steep_gradient_case tests/test_demo_models.py::test_training_script_is_deterministic
 test-fast: lint
-	@start=$$(date +%s); $(BIN)/pytest -m "not slow" $(addprefix --ignore=,$(FAST_SKIP)); rc=$$?; \
+	@start=$$(date +%s); $(BIN)/pytest -m "not slow" $(addprefix --deselect=,$(FAST_SKIP)); rc=$$?; \
 	echo "make test-fast: $$(( $$(date +%s) - start )) s (make test runs everything)"; exit $$rc
 
 FORCE:
