@@ -1,7 +1,7 @@
 # Set-up and checks on a fresh machine (Python >= 3.10; everything goes into .venv):
 #   make demo        runs FMTT on the bundled digits model (CPU, no downloads); writes fmtt_out/
 #   make test        lint (ruff) and the whole test suite, about 10 minutes on 2 cores; CI runs exactly this
-#   make test-fast   lint and the quick tests (under 3 minutes): for development
+#   make test-fast   lint and the quick tests (about 3 minutes on 2 cores): for development
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
