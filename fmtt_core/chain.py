@@ -57,7 +57,8 @@ def run_chain(loop: ParticleLoop, pop: Population, x: torch.Tensor, times: torch
             log_w = torch.nan_to_num(log_w + inc, nan=-math.inf)
         # Thermodynamic length of the path of intermediate targets, sum_k sqrt(Var_w[dA_k]).
         if look:
-            thermo += math.sqrt(max(pop.weighted_mean(w, (inc - pop.weighted_mean(w, inc)) ** 2), 0.0))
+            var = pop.weighted_mean(w, (inc - pop.weighted_mean(w, inc)) ** 2)
+            thermo += math.sqrt(var) if var > 0 else 0.0  # NaN: no finite increment at this step
         defect = _defect(loop, pop, rule, cfg, x, d, r, w, t, t_next) if look else math.nan
         step_ess = pop.ess(log_w) if rule.claims_weights else float(pop.size)
 

@@ -66,10 +66,11 @@ class Population:
         return t.max(0).values
 
     def weighted_mean(self, w: torch.Tensor, v: torch.Tensor) -> float:
-        """sum_i w_i v_i / sum_i w_i over the particles where v is finite (w unnormalised is fine)."""
+        """sum_i w_i v_i / sum_i w_i over the particles where v is finite (w unnormalised is fine);
+        NaN where no particle has a finite v (nothing was measured: not a mean of 0)."""
         ok = torch.isfinite(v)
         num, den = self.sum(torch.where(ok, w * v, 0.0)), self.sum(torch.where(ok, w, 0.0))
-        return float(num / den.clamp_min(1e-300))
+        return float(num / den) if den > 0 else math.nan
 
     # --- weights ------------------------------------------------------------------------------------
     def normalize(self, log_w: torch.Tensor) -> torch.Tensor:

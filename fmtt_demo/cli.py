@@ -87,6 +87,9 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
              eta: float = 1.0, jumps: int = 1, seed: int = 0, weights: Path | None = None,
              progress: bool = True, sharded: bool = False) -> tuple[list[MethodRun], dict]:
     """Run the comparison; returns the runs and the settings (everything results.json records)."""
+    if steps < MIN_STEPS:
+        raise ValueError(f"--steps {steps} is fewer than {MIN_STEPS}: the first step leaves noise untilted and the "
+                         "last jumps onto the denoiser, so nothing would be steered; use 10 or more.")
     keys = methods_for(mode, methods)
     samples = min(DEFAULT_SAMPLES, particles) if samples is None else samples
     if samples > particles:
@@ -128,12 +131,23 @@ def run_demo(*, target_class: int = 3, reward: str = "classifier", particles: in
     return runs, settings
 
 
-def _positive(kind):
+MIN_STEPS = 3  # the first step starts from noise untilted and the last jumps onto D: a tilt needs a step between
+
+
+def _number(kind, minimum: float, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= minimum (> when strict), with a message naming the rule."""
+    noun = "a whole number" if kind is int else "a number"
+    rule = f"{'>' if strict else '>='} {minimum:g}"
+
     def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun} {rule}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {noun} {rule}, got {text}")
         return value
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
 
 
@@ -142,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="FMTT vs baselines on the bundled digits models (CPU, offline)",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.demo_parser = demo  # main() reports errors found after parsing with the demo's own usage
     demo.add_argument("--task", choices=("digits", "pairs"), default="digits",
                       help="digits: one 8x8 digit (default); pairs: two digits side by side, steered toward "
                            "--constraint (fmtt_demo.pairs)")
@@ -149,35 +164,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --task pairs: a preset (sum10, same, pair38, left_larger5) or an expression in a "
                            "(left digit) and b (right digit), e.g. \"a + b == 10\" (default sum10)")
     demo.add_argument("--target-class", type=int, default=3, choices=range(10), metavar="{0..9}",
-                      help="digit to steer toward with the classifier reward (default 3)")
+                      help="digit to steer toward with the classifier reward (default %(default)s)")
     demo.add_argument("--reward", choices=REWARDS, default="classifier",
-                      help="classifier: log p(class | x); symmetry: left-right mirror symmetry (no model)")
-    demo.add_argument("--particles", type=_positive(int), default=64,
-                      help="FMTT's particles; every other method gets the particle count of the same budget")
-    demo.add_argument("--samples", type=_positive(int), default=None,
+                      help="classifier: log p(class | x); symmetry: left-right mirror symmetry, no model "
+                           "(default %(default)s)")
+    demo.add_argument("--particles", type=_number(int, 1), default=64,
+                      help="FMTT's particles; every other method gets the particle count of the same budget "
+                           "(default %(default)s)")
+    demo.add_argument("--samples", type=_number(int, 1), default=None,
                       help=f"samples each method hands on and is scored on, at most --particles (default "
                            f"{DEFAULT_SAMPLES}, or --particles if fewer): draws from the final weights, the top ones "
                            "by reward for best-of-N and search")
-    demo.add_argument("--steps", type=_positive(int), default=40, help="sampler steps from t=0 to t=1 (default 40)")
+    demo.add_argument("--steps", type=_number(int, MIN_STEPS), default=40,
+                      help=f"sampler steps from t=0 to t=1, at least {MIN_STEPS} (default %(default)s)")
     demo.add_argument("--mode", choices=MODES, default="compare",
-                      help="compare: every method side by side (default); exact / search / zero_order: base "
-                           "sampling against that FMTT mode only")
+                      help="compare: every method side by side; exact / search / zero_order: base sampling against "
+                           "that FMTT mode only (default %(default)s)")
     demo.add_argument("--methods", default=None,
                       help=f"comma-separated subset, overrides --mode: {', '.join(METHODS)}")
-    demo.add_argument("--reward-scale", type=float, default=None,
-                      help="beta, the tilt's strength (default: " +
+    demo.add_argument("--reward-scale", type=_number(float, 0), default=None,
+                      help="beta >= 0, the tilt's strength (default " +
                            ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_REWARD_SCALE.items()) + ")")
-    demo.add_argument("--eta", type=float, default=1.0, help="SDE noise, eps_t = eta (1 - t) (default 1)")
-    demo.add_argument("--jumps", type=_positive(int), default=1, help="flow-map jumps per look-ahead (default 1)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", type=Path, default=Path("fmtt_out"), help="output folder (default fmtt_out)")
-    demo.add_argument("--weights", type=Path, default=None, help="folder with other trained weights")
-    demo.add_argument("--threads", type=_positive(int), default=1,
-                      help="torch CPU threads (default 1: the networks are tiny, more threads only add overhead)")
+    demo.add_argument("--eta", type=_number(float, 0), default=1.0,
+                      help="SDE noise >= 0, eps_t = eta (1 - t) (default %(default)s)")
+    demo.add_argument("--jumps", type=_number(int, 1), default=1,
+                      help="flow-map jumps per look-ahead (default %(default)s)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the initial noise and of every sampler's randomness (default %(default)s)")
+    demo.add_argument("--out", type=Path, default=Path("fmtt_out"), help="output folder (default %(default)s)")
+    demo.add_argument("--weights", type=Path, default=None,
+                      help="folder with other trained weights (default: the weights shipped in fmtt_demo/weights)")
+    demo.add_argument("--threads", type=_number(int, 1), default=1,
+                      help="torch CPU threads (default %(default)s: the networks are tiny, more threads only add "
+                           "overhead)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--dist-timeout", type=_positive(float), default=120.0,
+    demo.add_argument("--dist-timeout", type=_number(float, 0, strict=True), default=120.0,
                       help="under torchrun: seconds a collective waits for the other processes before the run "
-                           "stops with an error (default 120)")
+                           "stops with an error (default %(default)s)")
     add_distill_parser(sub)
     return parser
 
@@ -263,10 +286,10 @@ def main(argv=None) -> int:
     if args.command == "demo":
         missing = missing_demo_packages()
         if missing:
-            parser.exit(2, f"fmtt demo needs the pack's \"demo\" extra, which is not installed (missing: "
+            parser.demo_parser.exit(2, f"fmtt demo needs the pack's \"demo\" extra, which is not installed (missing: "
                            f"{', '.join(missing)}). Install it with:\n    pip install \"comfyui-fmtt[demo]\"\n"
                            "(from a clone of the repository: pip install -e \".[demo]\")\n")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)  # said in the header: the default is 1, not torch's all-cores
         # Under torchrun (RANK / WORLD_SIZE set) every population is sharded over the processes.
         from fmtt_core.distributed import FMTTDistributedError, init_from_env
         group = init_from_env(timeout_s=args.dist_timeout)
@@ -288,7 +311,7 @@ def main(argv=None) -> int:
                 jumps=args.jumps, seed=args.seed, weights=args.weights, progress=not args.no_progress and rank == 0,
                 sharded=group is not None)
         except (ValueError, FileNotFoundError) as e:  # fmtt_core's FMTTInputError is a ValueError
-            parser.error(str(e))
+            parser.demo_parser.error(str(e))
         except FMTTDistributedError as e:
             print(f"fmtt demo: {e}", file=sys.stderr)
             return 1
@@ -297,7 +320,8 @@ def main(argv=None) -> int:
             shards = f" sharded over {settings['processes']} processes" if "processes" in settings else ""
             print(f"\nFMTT digits demo{shards}: reward {settings['reward_description']}, beta "
                   f"{settings['reward_scale']}, {settings['steps']} steps, seed {settings['seed']}; particles matched "
-                  f"to FMTT exact's budget with N={settings['particles']}.\n")
+                  f"to FMTT exact's budget with N={settings['particles']}; {args.threads} torch thread(s) "
+                  "(--threads).\n")
             print(format_table(runs, target, settings["samples_handed_on"]))
             paths = write_results(runs, settings, args.out)
             print("\nwrote " + ", ".join(str(p) for p in paths.values()))

@@ -37,8 +37,23 @@ download. They are a test bed for the sampler, not useful digit models.
 Seed {cfg["seed"]}, {cfg["threads"]} CPU thread(s), torch {m["environment"]["torch"]}, Python
 {m["environment"]["python"]} ({m["environment"]["machine"]}); {t.get("total_s", "?")} s in all (velocity {t["velocity_s"]} s,
 flow map {t["flow_map_s"]} s, classifiers {t["classifiers_s"]} s, metrics {t["metrics_s"]} s). Every random draw comes
-from a seeded generator and `torch.use_deterministic_algorithms(True)` is on, so the same command on the
-same torch build and thread count reproduces the files below (compare the hashes).
+from a seeded generator and `torch.use_deterministic_algorithms(True)` is on, so a rerun on one machine
+reproduces its own files bit for bit. `python -m fmtt_demo.train --seed 0` writes to `runs/digits-weights/`
+(never over these files unless `--out fmtt_demo/weights` is given) and ends by comparing each file's sha256
+with the table below.
+
+**Which files a rerun reproduces.** `velocity.safetensors` and `flow_map.safetensors`: the same bytes (checked
+with torch 2.14.1, Python 3.11.7, 1 thread, an AVX-512 x86-64 CPU). `classifier.safetensors` and
+`judge.safetensors`: not the same bytes. Their training is deterministic on one machine (two runs of the judge gave
+one hash) but its floating-point rounding depends on the CPU kernels torch and MKL choose: on that machine the
+judge came out as four different files with torch's AVX-512 kernels (the default there), its AVX2 kernels
+(`ATEN_CPU_CAPABILITY=avx2`), its generic kernels (`ATEN_CPU_CAPABILITY=default`) and MKL's compatible path
+(`MKL_CBWR=COMPATIBLE`), none of them the shipped one, which came from a CPU whose kernels we could not select.
+A retrained classifier and judge score the same held-out accuracies as the shipped ones (classifier
+{m["classifier"]["accuracy_test"]:.2%}, judge {m["judge"]["accuracy_test"]:.2%} on the test split), but their weights differ
+(judge: up to 0.1 in a parameter), so scores computed with them may differ slightly from the tables recorded with
+these files. Whether the velocity and the flow map depend on the kernels too was not measured: with that
+machine's default kernels they match the shipped bytes.
 
 **Data.** scikit-learn's `load_digits` (1,797 greyscale 8x8 images of handwritten digits, ink levels
 0..16, the UCI "Optical Recognition of Handwritten Digits" test set; it ships inside the scikit-learn

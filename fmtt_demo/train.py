@@ -1,6 +1,7 @@
 """Train the digits demo's models from scratch, deterministically, on a CPU in a few minutes.
 
-    python -m fmtt_demo.train --out fmtt_demo/weights --seed 0
+    python -m fmtt_demo.train --seed 0                       # writes runs/digits-weights/
+    python -m fmtt_demo.train --seed 0 --out fmtt_demo/weights  # replaces the shipped weights (says so)
 
 1. velocity   v(x, t) by flow matching on the "train" split (x_t = (1 - t) x0 + t x1, target x1 - x0),
               with an exponential moving average of the weights (the EMA is shipped).
@@ -13,7 +14,9 @@ Then metrics (held-out accuracies, look-ahead errors against the teacher's fine 
 model's class histogram) go to metrics.json and MODEL_CARD.md.
 
 Determinism: seeded generators for every random draw, torch.use_deterministic_algorithms, and a
-fixed thread count (--threads, default 1): a rerun on the same torch build reproduces the weights.
+fixed thread count (--threads, default 1): a rerun in one environment reproduces its own weights bit for
+bit. Whether it reproduces the *shipped* files is checked at the end of every run, file by file (see the
+model card for which files depend on more than the command).
 """
 from __future__ import annotations
 
@@ -332,17 +335,40 @@ def train_all(cfg: TrainConfig, out: Path, log=print) -> dict:
     return metrics
 
 
+DEFAULT_OUT = Path("runs") / "digits-weights"  # git-ignored; never the shipped weights unless asked for
+
+
+def compare_with_shipped(files: dict, shipped: dict) -> list[str]:
+    """One line per weight file: whether this run reproduced the shipped file (metrics.json's "files")."""
+    lines = []
+    for name, info in files.items():
+        ref = shipped.get(name, {}).get("sha256")
+        verdict = "no shipped file" if ref is None else "same as shipped" if ref == info["sha256"] else \
+            f"differs from shipped ({ref[:12]}...)"
+        lines.append(f"  {name}: {info['sha256'][:12]}... {verdict}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fmtt_demo.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for the safetensors + metrics.json")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed for reproducibility)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for the safetensors + metrics.json (default {DEFAULT_OUT}; give "
+                             f"fmtt_demo/weights to replace the shipped weights)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads, fixed for reproducibility (default 1)")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (smoke test, not a model)")
     parser.add_argument("--model-card", type=Path, default=None,
                         help="also write the model card here (default: MODEL_CARD.md next to --out's parent "
                              "when --out is the package's weights folder)")
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, threads=args.threads, **(QUICK if args.quick else {}))
+    replacing = args.out.resolve() == WEIGHTS_DIR
+    # Read before a run into the shipped folder overwrites them: the comparison is against what shipped.
+    shipped_metrics = WEIGHTS_DIR / "metrics.json"
+    shipped = json.loads(shipped_metrics.read_text())["files"] if shipped_metrics.is_file() else None
+    print(f"training into {args.out}" + (" (replacing the shipped weights)" if replacing else
+                                         f"; the shipped weights in {WEIGHTS_DIR} stay as they are"))
     start = time.perf_counter()
     metrics = train_all(cfg, args.out)
     total = time.perf_counter() - start
@@ -356,6 +382,8 @@ def main(argv=None) -> int:
         from .model_card import write_model_card
         write_model_card(metrics, card)
     print(f"done in {total:.0f} s -> {args.out}")
+    if shipped is not None and not args.quick:
+        print("\n".join(["sha256 against the shipped weights:"] + compare_with_shipped(metrics["files"], shipped)))
     return 0
 
 

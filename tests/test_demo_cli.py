@@ -84,9 +84,9 @@ def test_bad_options_name_the_problem(tmp_path, capsys):
         main(["demo", "--methods", "base,magic", "--out", str(tmp_path), "--no-progress"])
     assert "unknown method(s) magic; choose from base, best_of_n" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # fmtt_core's own check, surfaced as a usage error
-        main(["demo", "--methods", "fk", "--eta", "0", "--particles", "4", "--steps", "2", "--out", str(tmp_path),
+        main(["demo", "--methods", "fk", "--eta", "0", "--particles", "4", "--steps", "3", "--out", str(tmp_path),
               "--no-progress"])
     assert "FK steering needs a stochastic sampler" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--particles", "0"])
-    assert "must be > 0" in capsys.readouterr().err
+    assert "must be a whole number >= 1, got 0" in capsys.readouterr().err

@@ -114,3 +114,23 @@ def test_training_script_is_deterministic_and_writes_loadable_weights(tmp_path):
     assert hashes[0] == hashes[1]
     models = load_digit_models(tmp_path / "a")
     assert models.flow_map(noise(2), 0.0, 1.0).shape == (2, 1, 8, 8)
+
+
+def test_training_writes_a_new_folder_by_default_and_leaves_the_shipped_weights(tmp_path, monkeypatch, capsys):
+    before = {name: (WEIGHTS_DIR / name).read_bytes() for name in WEIGHT_FILES.values()}
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["--quick"]) == 0
+    assert "the shipped weights in" in capsys.readouterr().out
+    written = tmp_path / "runs" / "digits-weights"
+    assert {p.name for p in written.iterdir()} >= set(WEIGHT_FILES.values()) | {"metrics.json"}
+    assert {name: (WEIGHTS_DIR / name).read_bytes() for name in WEIGHT_FILES.values()} == before
+
+
+def test_compare_with_shipped_names_each_file():
+    from fmtt_demo.train import compare_with_shipped
+    shipped = json.loads((WEIGHTS_DIR / "metrics.json").read_text())["files"]
+    mine = {**shipped, "judge.safetensors": {"sha256": "0" * 64, "bytes": 1}}
+    lines = "\n".join(compare_with_shipped(mine, shipped))
+    assert "velocity.safetensors: " in lines and "same as shipped" in lines
+    ref = shipped["judge.safetensors"]["sha256"][:12]
+    assert f"judge.safetensors: 000000000000... differs from shipped ({ref}" in lines
