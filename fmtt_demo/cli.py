@@ -218,15 +218,16 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--objective", choices=("lsd", "psd"), default=d["objective"],
                    help="lsd: Lagrangian self-distillation with a finite-difference d/dt (default); psd: "
                         "progressive self-distillation plus the diagonal velocity match")
-    p.add_argument("--steps", type=_positive(int), default=d["steps"], help=f"total steps (default {d['steps']})")
-    p.add_argument("--batch", type=_positive(int), default=d["batch"],
+    p.add_argument("--steps", type=_number(int, 1), default=d["steps"], help=f"total steps (default {d['steps']})")
+    p.add_argument("--batch", type=_number(int, 1), default=d["batch"],
                    help=f"global batch, split over torchrun processes (default {d['batch']})")
-    p.add_argument("--lr", type=_positive(float), default=d["lr"], help=f"AdamW learning rate (default {d['lr']})")
+    p.add_argument("--lr", type=_number(float, 0, strict=True), default=d["lr"],
+                   help=f"AdamW learning rate (default {d['lr']})")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"],
                    help=f"EMA of the weights that is saved (default {d['ema_decay']}; 0 = off)")
     p.add_argument("--derivative-warmup", type=int, default=d["derivative_warmup_steps"],
                    help=f"steps over which the d/dt term ramps in (default {d['derivative_warmup_steps']})")
-    p.add_argument("--fd-step", type=_positive(float), default=d["fd_step"],
+    p.add_argument("--fd-step", type=_number(float, 0, strict=True), default=d["fd_step"],
                    help=f"finite-difference step of d/dt (default {d['fd_step']})")
     p.add_argument("--derivative-grad", action=argparse.BooleanOptionalAction, default=d["derivative_grad"],
                    help="LSD: differentiate through the finite difference too, the residual's own gradient (default "
@@ -238,11 +239,11 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--save-every", type=int, default=d["save_every"],
                    help=f"steps between resumable saves (default {d['save_every']})")
-    p.add_argument("--log-every", type=_positive(int), default=d["log_every"])
-    p.add_argument("--eval-trajectories", type=_positive(int), default=1024,
+    p.add_argument("--log-every", type=_number(int, 1), default=d["log_every"])
+    p.add_argument("--eval-trajectories", type=_number(int, 1), default=1024,
                    help="held-out teacher trajectories for the final look-ahead errors (default 1024)")
-    p.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--dist-timeout", type=_positive(float), default=120.0,
+    p.add_argument("--threads", type=_number(int, 1), default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--dist-timeout", type=_number(float, 0, strict=True), default=120.0,
                    help="under torchrun: seconds a collective waits for the other processes (default 120)")
 
 
