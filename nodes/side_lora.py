@@ -15,7 +15,7 @@ API (stable: the look-ahead nodes and the flow-map distillation trainer's node l
       adapters other than plain LoRA (LoHa, LoKr, OFT, DoRA, full weight diffs).
     with lora.installed(base_model, device):   # hooks on the loaded BaseModel's modules, for one sampling run
         with lora.active():                    # only inside: every hooked layer computes W x + b + s up(down(x))
-            ...model calls...
+            ...model calls...                  # lora.is_active(): whether this call is inside (for other hooks)
 
 Why beside the weights: ComfyUI's LoraLoader merges a LoRA into a clone's weights, so a look-ahead run with the LoRA
 and a base sampler without it would make ComfyUI swap the LoRA in and out of the shared weights at every call (or
@@ -234,11 +234,14 @@ class SideLoRA:
         finally:
             _ACTIVE.reset(token)
 
+    def is_active(self) -> bool:
+        return self in _ACTIVE.get()
+
 
 def _side_forward(lora: SideLoRA, forward, pieces: list[_Piece], out_channels: int):
     def side_forward(x, *args, **kwargs):
         out = forward(x, *args, **kwargs)
-        if lora not in _ACTIVE.get():
+        if not lora.is_active():
             return out
         return out + sum(piece(x, out_channels) for piece in pieces).to(out.dtype)
 
