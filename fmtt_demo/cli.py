@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.demo_parser = demo  # main() reports errors found after parsing with the demo's own usage
     demo.add_argument("--task", choices=("digits", "pairs"), default="digits",
-                      help="digits: one 8x8 digit (default); pairs: two digits side by side, steered toward "
-                           "--constraint (fmtt_demo.pairs)")
+                      help="digits: one 8x8 digit; pairs: two digits side by side, steered toward --constraint "
+                           "(fmtt_demo.pairs) (default %(default)s)")
     demo.add_argument("--constraint", default=None,
                       help="with --task pairs: a preset (sum10, same, pair38, left_larger5) or an expression in a "
                            "(left digit) and b (right digit), e.g. \"a + b == 10\" (default sum10)")
