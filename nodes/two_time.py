@@ -1,0 +1,257 @@
+"""Two-time conditioning for every family the pack samples: the loaded model as u(x; sigma, sigma').
+
+FMRG's DualTimeEmbedder, for every family: a copy of the model's own time embedder embeds the second time sigma',
+and the conditioning vector is the mean of the two embeddings, (E(sigma) + E2(sigma')) / 2. A LoRA on the model's
+Linears and on the copy makes the pair (sigma, sigma') matter. Both act *beside* the weights and only while a
+two-time call is active (a context variable): outside those calls the loaded MODEL is the plain base model, which
+is what the teacher of the distillation and the base sampler of FMTT see, with no second copy of the weights.
+
+family         ComfyUI config       copied embedder(s)                          second input
+SD1.5, SDXL    SD15 / SD20 / SDXL   time_embed (sinusoid -> MLP)                sinusoid of timestep(sigma')
+FLUX.1         Flux / FluxSchnell   time_in, guidance_in, vector_in             sinusoid of sigma' (time_in only)
+SD3 / SD3.5    SD3                  t_embedder (takes the timestep itself)      timestep(sigma')
+
+timestep(sigma') is the model's own sigma -> timestep map, made continuous for discrete (SD) schedules by
+interpolating log sigma, so that d/dsigma' exists for the distillation's finite differences.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+
+import comfy.model_sampling
+import torch
+import torch.nn.functional as F
+from comfy.ldm.flux.layers import timestep_embedding as flux_embedding
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding as unet_embedding
+
+from ..fmtt_core import FMTTInputError
+
+_SECOND: contextvars.ContextVar = contextvars.ContextVar("fmtt_second_time", default=None)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    configs: tuple[str, ...]          # ComfyUI supported_models class names
+    embedders: tuple[str, ...]        # modules copied as the second embedder (absent ones skipped)
+    time_embedder: str                # the one whose input is the time
+    second_input: object              # (original input, timestep') -> the copy's input
+    targets: re.Pattern               # Linears (ComfyUI module paths) that get a LoRA
+
+
+_UNET_TARGETS = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+                           r"|time_embed\.[02])$")
+FAMILIES = (
+    Family("SD1.5 / SDXL", ("SD15", "SD20", "SDXL"), ("time_embed",), "time_embed",
+           lambda e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
+    Family("FLUX.1", ("Flux", "FluxSchnell"), ("time_in", "guidance_in", "vector_in"), "time_in",
+           lambda e, ts: flux_embedding(ts, e.shape[-1]),
+           re.compile(r"((double_blocks|single_blocks)\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]"
+                      r"|txt_mlp\.[02]|linear1|linear2)|time_in\.(in_layer|out_layer))$")),
+    Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda t, ts: ts,
+           re.compile(r"(joint_blocks\.\d+\.(x_block|context_block)\.(attn\.(qkv|proj)|mlp\.fc[12])"
+                      r"|t_embedder\.mlp\.[02])$")),
+)
+SUPPORTED = "SD1.5 (eps and v), SDXL, FLUX.1 (dev / schnell) and SD3 / SD3.5"
+
+
+def family_of(base_model) -> Family:
+    config = type(getattr(base_model, "model_config", None)).__name__
+    for family in FAMILIES:
+        if config in family.configs:
+            return family
+    raise FMTTInputError(f"FMTT: two-time flow maps are not available for the {config} model: they are implemented "
+                         f"for {SUPPORTED}. Load one of those (the base model you sample with).")
+
+
+def model_fingerprint(base_model) -> str:
+    """A short hash of the diffusion model's tensors (names, shapes, the first values of each): tells whether a file
+    was trained on this model without reading all of its weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(base_model.diffusion_model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """The model's timestep input for sigma, continuous also for discrete schedules (log-sigma interpolated)."""
+    log_sigmas = getattr(model_sampling, "log_sigmas", None)
+    if log_sigmas is None or not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return model_sampling.timestep(sigma).float()
+    table = log_sigmas.float().to(sigma.device)
+    s = sigma.float().clamp(table[0].exp(), table[-1].exp()).log()
+    i = torch.searchsorted(table, s.contiguous()).clamp(1, len(table) - 1)
+    lo, hi = table[i - 1], table[i]
+    return (i - 1).float() + (s - lo) / (hi - lo)
+
+
+class TwoTimeAdapter(torch.nn.Module):
+    """LoRA pieces beside the model's Linears and a second time embedder (a LoRA'd copy of the model's own).
+
+    lora[path]   = (down [r, in], up [out, r]): out = W x + up(down(x)) while a two-time call is active
+    copies[name] = the copied embedder (frozen, float32); second[path] its LoRA, always on (the copy only runs then)
+    """
+
+    def __init__(self, family: Family, base_model, base: dict, second: dict, trainable: bool):
+        super().__init__()
+        self.family = family
+        dm = base_model.diffusion_model
+        self.copies = torch.nn.ModuleDict()
+        with torch.inference_mode(False):
+            for name in family.embedders:
+                module = getattr(dm, name, None)
+                if module is not None:
+                    self.copies[name] = _frozen_float_copy(module)
+        self.lora = _pairs(base, trainable)
+        self.second = _pairs(second, trainable)
+        self._model_sampling = None
+
+    @classmethod
+    def fresh(cls, base_model, rank: int, generator: torch.Generator) -> TwoTimeAdapter:
+        """Random down (1 / sqrt(in)), zero up: at the start the LoRA adds nothing and the copy equals the original."""
+        family = family_of(base_model)
+        dm = base_model.diffusion_model
+        layers = {}
+        for path, module in dm.named_modules():
+            if family.targets.search(path) and isinstance(module, torch.nn.Linear):
+                layers[path] = module.weight.shape
+        if not layers:
+            raise FMTTInputError(f"FMTT: no layers of this {family.name} model match the flow-map LoRA's targets; "
+                                 "the model's layout is not the one this pack knows.")
+        adapter = cls(family, base_model, {}, {}, trainable=True)
+        second = {f"{name}.{sub}": m.weight.shape for name, c in adapter.copies.items()
+                  for sub, m in c.named_modules() if isinstance(m, torch.nn.Linear)}
+        with torch.inference_mode(False):
+            def init(shapes):
+                return {p: (torch.randn(rank, s[1], generator=generator) / s[1] ** 0.5, torch.zeros(s[0], rank))
+                        for p, s in shapes.items()}
+            adapter.lora, adapter.second = _pairs(init(layers), True), _pairs(init(second), True)
+        return adapter
+
+    def tensors(self) -> tuple[dict, dict]:
+        """({path: (down, up)} on the model, {embedder.path: (down, up)} on the copy), detached."""
+        return ({p: (d.detach(), u.detach()) for p, (d, u) in _items(self.lora)},
+                {p: (d.detach(), u.detach()) for p, (d, u) in _items(self.second)})
+
+    def check_fits(self, base_model, what: str) -> None:
+        dm = base_model.diffusion_model
+        modules = dict(dm.named_modules())
+        wrong = []
+        for path, (down, up) in _items(self.lora):
+            m = modules.get(path)
+            if not isinstance(m, torch.nn.Linear) or tuple(m.weight.shape) != (up.shape[0], down.shape[1]):
+                wrong.append(path)
+        for path, (down, up) in _items(self.second):
+            name, _, sub = path.partition(".")
+            m = dict(self.copies[name].named_modules()).get(sub) if name in self.copies else None
+            if not isinstance(m, torch.nn.Linear) or tuple(m.weight.shape) != (up.shape[0], down.shape[1]):
+                wrong.append("second." + path)
+        if wrong:
+            raise FMTTInputError(f"FMTT: {what} does not fit this {self.family.name} model ({len(wrong)} layers, e.g. "
+                                 f"{', '.join(wrong[:3])}): it was trained on another model. Use the model it was "
+                                 "trained on, or train a flow map for this one.")
+
+    # ---------------------------------------------------------------- on the loaded model
+
+    @contextlib.contextmanager
+    def installed(self, base_model, device=None):
+        """Forward hooks on the loaded model's modules (acting only inside `active`), removed on exit."""
+        dm = base_model.diffusion_model
+        device = device if device is not None else next(dm.parameters()).device
+        self.to(device)
+        self._model_sampling = base_model.model_sampling
+        handles = []
+        modules = dict(dm.named_modules())
+        for path, (down, up) in _items(self.lora):
+            handles.append(modules[path].register_forward_hook(_lora_hook(down, up, only_active=True)))
+        for path, (down, up) in _items(self.second):
+            name, _, sub = path.partition(".")
+            handles.append(self.copies[name].get_submodule(sub).register_forward_hook(
+                _lora_hook(down, up, only_active=False)))
+        for name, second in self.copies.items():
+            handles.append(getattr(dm, name).register_forward_hook(
+                _dual_hook(second, self.family.second_input if name == self.family.time_embedder else None),
+                with_kwargs=True))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._model_sampling = None
+
+    @contextlib.contextmanager
+    def active(self, sigma_next: torch.Tensor):
+        """Inside: the model is the two-time model at (sigma, sigma'), one sigma' per row of the caller's batch."""
+        if self._model_sampling is None:
+            raise FMTTInputError("FMTT: internal error, the two-time adapter is not installed on the model.")
+        token = _SECOND.set(model_timestep(self._model_sampling, sigma_next.detach().reshape(-1)))
+        try:
+            yield
+        finally:
+            _SECOND.reset(token)
+
+
+def _frozen_float_copy(module: torch.nn.Module) -> torch.nn.Module:
+    out = copy.deepcopy(module)
+    for m in out.modules():  # normal tensors (ComfyUI loads weights in inference mode), float32, frozen
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(p.detach().clone().float(), requires_grad=False)
+    return out
+
+
+def _pairs(layers: dict, trainable: bool) -> torch.nn.ParameterDict:
+    """{path: (down, up)} as a ParameterDict ('.' is not allowed in its keys: '/' instead)."""
+    out = torch.nn.ParameterDict()
+    with torch.inference_mode(False):
+        for path, (down, up) in layers.items():
+            for side, t in (("down", down), ("up", up)):
+                out[f"{path.replace('.', '/')}:{side}"] = torch.nn.Parameter(t.detach().clone().float(),
+                                                                           requires_grad=trainable)
+    return out
+
+
+def _items(pairs: torch.nn.ParameterDict):
+    paths = sorted({k.rsplit(":", 1)[0] for k in pairs.keys()})
+    return [(p.replace("/", "."), (pairs[f"{p}:down"], pairs[f"{p}:up"])) for p in paths]
+
+
+def _rows(values: torch.Tensor, n: int) -> torch.Tensor:
+    """sigma' for the model's batch: ComfyUI stacks the caller's rows once per condition (cond, uncond, ...)."""
+    if n % values.shape[0]:
+        raise FMTTInputError(f"FMTT: internal error, the model batch ({n}) is not a multiple of the two-time batch "
+                             f"({values.shape[0]}).")
+    return values.repeat(n // values.shape[0])
+
+
+def _lora_hook(down, up, only_active: bool):
+    def hook(module, args, out):
+        if only_active and _SECOND.get() is None:
+            return out
+        x = args[0]
+        return out + F.linear(F.linear(x.to(down.dtype), down), up).to(out.dtype)
+
+    return hook
+
+
+def _dual_hook(second: torch.nn.Module, second_input):
+    """The embedder's output averaged with its copy's; the time embedder's copy sees timestep(sigma')."""
+
+    def hook(module, args, kwargs, out):
+        timestep_next = _SECOND.get()
+        if timestep_next is None:
+            return out
+        first, *rest = args
+        if second_input is not None:
+            first = second_input(first, _rows(timestep_next, first.shape[0]).to(first.device))
+        first = first.float() if first.is_floating_point() else first
+        kwargs = {**kwargs, "dtype": torch.float32} if "dtype" in kwargs else kwargs  # SD3's t_embedder casts
+        return (out + second(first, *rest, **kwargs).to(out.dtype)) / 2
+
+    return hook

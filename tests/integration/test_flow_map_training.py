@@ -1,0 +1,166 @@
+"""FMTT Train Flow Map in a real ComfyUI on tiny random models of each family (tiny_unets.py, tiny_models.py):
+training through the node lowers the loss and the look-ahead error, the file loads through the look-ahead node and
+FMTT samples with it, Cancel keeps a state that resumes exactly, and bad input is refused with the server alive."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmtt_testing.comfy_prompts import error_message, latent_of, ok
+
+
+def _families_suite():
+    """The model-family suite's prompt builders and its `families` fixture (tiny models built once per module)."""
+    spec = importlib.util.spec_from_file_location("fmtt_family_suite", Path(__file__).with_name("test_model_families.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_suite = _families_suite()
+families, family_nodes, ksampler_prompt = _suite.families, _suite.family_nodes, _suite.ksampler_prompt
+
+pytestmark = pytest.mark.integration
+_seeds = iter(range(700_000, 10**6))  # apart from the other suites': ComfyUI caches identical prompts
+
+
+def fresh_seed():
+    return next(_seeds)
+
+
+def train_node(name, family="sd15", steps=30, latents=None, **overrides):
+    inputs = {"model": ["model_out", 0], "positive": ["positive", 0], "name": name, "steps": steps, "rank": 4,
+              "learning_rate": 3e-3, "batch_size": 4, "objective": "lsd", "seed": 0, "cfg": 1.0,
+              "save_every": 0, "preview_every": 0, "resume": False, "width": 64, "height": 64,
+              "data_free_samples": 8, "block_checkpointing": True, **overrides}
+    if latents is not None:
+        inputs["latents"] = latents
+    return {"class_type": "FMTTTrainFlowMap", "inputs": inputs}
+
+
+def training_prompt(name, family="sd15", **kw):
+    p = family_nodes(family)
+    model = p.pop("model_out")
+    p.pop("vae_out")
+    p = {k: v for k, v in p.items() if k in ("loader", "vpred", "positive", "negative")}
+    p["train"] = train_node(name, family, **kw)
+    p["train"]["inputs"]["model"] = model
+    return p
+
+
+def report_of(entry):
+    return json.loads(entry["outputs"]["train"]["text"][0])
+
+
+def errors_at(report, step):
+    return report["lookahead_error"][f"step {step}"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_training_lowers_the_loss_and_the_lookahead_error(families, family):  # noqa: F811
+    steps = 30
+    entry = families.run(training_prompt(f"fm_{family}", family, steps=steps), timeout=900)
+    report = report_of(ok(entry))
+    losses = report["losses"]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    before, after = errors_at(report, 0), errors_at(report, steps)
+    # the trained map's 1-jump end point is closer to the teacher's 64-step ODE end point (held-out noise) than the
+    # untrained map's and the denoiser look-ahead's
+    assert after["1 jump"] < before["1 jump"] and after["1 jump"] < before["denoiser"], report["lookahead_error"]
+    assert (families.base / "models" / "fmtt_flow_maps" / f"fm_{family}.safetensors").is_file()
+
+
+def test_the_trained_file_drives_fmtt(families):  # noqa: F811
+    ok(families.run(training_prompt("fm_for_fmtt", steps=3), timeout=900))
+    families.get("/object_info/FMTTTrainedFlowMapLookahead")  # lists the new file (ComfyUI rescans the folder)
+    look = {"class_type": "FMTTTrainedFlowMapLookahead", "inputs": {
+        "model": ["loader", 0], "flow_map": "fm_for_fmtt.safetensors", "jumps": 2, "checkpoint": False}}
+    p = ksampler_prompt("sd15", fresh_seed(), lookahead=look)
+    entry = ok(families.run(p))
+    shape, values = latent_of(entry)
+    assert shape == [1, 4, 8, 8] and all(math.isfinite(v) for v in values)
+
+
+def test_a_dataset_folder_trains_and_an_empty_one_is_refused(families):  # noqa: F811
+    folder = families.base / "input" / "fm_dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (families.base / "input" / "fm_empty").mkdir(exist_ok=True)
+
+    def prompt(name, sub):
+        p = training_prompt(name, steps=4)
+        p["images"] = {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": sub}}
+        p["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["images", 0], "vae": ["loader", 2]}}
+        p["train"]["inputs"]["latents"] = ["encode", 0]
+        return p
+
+    report = report_of(ok(families.run(prompt("fm_data", "fm_dataset"), timeout=600)))
+    assert len(report["losses"]) == 4
+    entry = families.run(prompt("fm_nodata", "fm_empty"))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert "no images" in error_message(entry), error_message(entry)
+    ok(families.run(ksampler_prompt("sd15", fresh_seed())))  # the server keeps serving
+
+
+def test_cancel_keeps_a_state_that_resumes_exactly(families):  # noqa: F811
+    steps = 12
+    whole = report_of(ok(families.run(training_prompt("fm_whole", steps=steps), timeout=900)))["losses"]
+    state = families.base / "output" / "fmtt_flow_map_runs" / "fm_cut" / "state.safetensors"
+    status, body = families.submit(training_prompt("fm_cut", steps=steps, save_every=1))
+    assert status == 200, body
+    deadline = time.time() + 600
+    while not state.is_file() or _saved_step(state) < 3:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    families.post("/interrupt", {})
+    entry = families.wait(body["prompt_id"], timeout=600)
+    assert entry["status"]["status_str"] == "error", entry["status"]  # interrupted
+    cut = _saved_step(state)
+    assert 3 <= cut < steps
+    resumed = report_of(ok(families.run(training_prompt("fm_cut", steps=steps, resume=True), timeout=900)))
+    assert resumed["losses"] == whole, (cut, resumed["losses"], whole)  # the same curve, bit for bit on the CPU
+
+
+def _saved_step(path: Path) -> int:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(json.loads(f.metadata()["fmtt.trainer_state"])["step"])
+    except Exception:  # being replaced right now
+        return -1
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("resume_other_model", "trained on another model"),
+    ("unsupported_family", "not available for"),
+    ("too_big", "Lower batch_size"),
+])
+def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expected):  # noqa: F811
+    if case == "resume_other_model":
+        ok(families.run(training_prompt("fm_other", steps=2), timeout=600))
+        p = training_prompt("fm_other", "sd15_v", steps=4, resume=True)
+        p["loader"]["inputs"]["ckpt_name"] = "tiny_sdxl.safetensors"  # another model under the same run name
+        p["positive"]["inputs"]["context_dim"] = 2048
+        p["positive"]["inputs"]["pooled_dim"] = 1280
+    elif case == "unsupported_family":
+        p = training_prompt("fm_bad", steps=2)
+        p["loader"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_schnell.safetensors",
+                                                              "weight_dtype": "default"}}
+        p["pixel"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["loader", 0], "sampling": "eps",
+                                                                        "zsnr": False}}
+        p["train"]["inputs"]["model"] = ["pixel", 0]
+    else:
+        p = training_prompt("fm_huge", steps=2, width=4096, height=4096, batch_size=1024)
+    entry = families.run(p, timeout=600)
+    assert entry["status"]["status_str"] == "error" and expected in error_message(entry), error_message(entry)
+    ok(families.run(ksampler_prompt("sd15", fresh_seed())))
