@@ -16,6 +16,7 @@ model itself (data-free): a pool of the teacher's own samples, each `ode_steps` 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +60,7 @@ class TrainingData:
 class Report:
     losses: list = field(default_factory=list)
     lookahead_error: dict = field(default_factory=dict)   # {"step N": {"denoiser": e, "1 jump": e, ...}}
+    eval_loss: dict = field(default_factory=dict)         # {"step N": the objective on one fixed held-out batch}
     saved: list = field(default_factory=list)
     stopped_at: int | None = None
 
@@ -254,10 +256,20 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
                 "objective": run.settings.objective, "rank": run.rank,
                 "embedders": list(adapter.copies.keys())}
 
+    # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first:
+    # the per-step loss is too noisy (heavy-tailed in the time pair) to show the trend over a short run.
+    eval_batch = FlowMapTrainer(adapter, guided.teacher, draw,
+                                dataclasses.replace(run.settings, seed=run.settings.seed + 15485863)).draw_batch()
+    eval_rows = guided.rows
+
     def record_errors(trainer):
         errors = lookahead_errors(guided, adapter, eval_noise, target)
         xs = errors.pop("_x")
         report.lookahead_error[f"step {trainer.step}"] = errors
+        rows, guided.rows = guided.rows, eval_rows
+        with torch.no_grad():
+            report.eval_loss[f"step {trainer.step}"] = float(trainer.loss(eval_batch)[0])
+        guided.rows = rows
         pbar.update_absolute(trainer.step, run.settings.steps, _preview_image(base, [target, *xs], device))
 
     def write(trainer):
@@ -301,7 +313,8 @@ def _resume(trainer: FlowMapTrainer, path: str, fingerprint: str) -> None:
 
 def _write_report(run: Run, report: Report) -> None:
     with open(os.path.join(run.state_dir, "report.json"), "w") as f:
-        json.dump({"losses": report.losses, "lookahead_error": report.lookahead_error, "saved": report.saved}, f)
+        json.dump({"losses": report.losses, "lookahead_error": report.lookahead_error, "eval_loss": report.eval_loss,
+                   "saved": report.saved}, f)
 
 
 def _teacher_pool(guided: GuidedModel, data: TrainingData, run: Run, device) -> torch.Tensor:
@@ -368,8 +381,8 @@ def write_fmrg_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) 
     tensors = {}
 
     def put(module: str, down: torch.Tensor, up: torch.Tensor):
-        tensors[f"transformer.{module}.lora_A.weight"] = down.float().contiguous().cpu()
-        tensors[f"transformer.{module}.lora_B.weight"] = up.float().contiguous().cpu()
+        tensors[f"transformer.{module}.lora_A.weight"] = down.float().cpu().clone()  # one per diffusers layer
+        tensors[f"transformer.{module}.lora_B.weight"] = up.float().cpu().clone()
 
     for path_, (down, up) in lora.items():
         found = targets.get(path_ + ".weight", [])

@@ -105,7 +105,8 @@ class TrainFlowMapNode(io.ComfyNode):
                   state if one(resume) else None, block_checkpointing=one(block_checkpointing))
         run.writer = lambda adapter, base, meta, path: writer_for(adapter)(adapter, base, meta, path)
         report = train(model, run)
-        summary = {"losses": report.losses, "lookahead_error": report.lookahead_error, "saved": report.saved,
+        summary = {"losses": report.losses, "lookahead_error": report.lookahead_error,
+                   "eval_loss": report.eval_loss, "saved": report.saved,
                    "file": f"{name}.safetensors"}
         text = json.dumps(summary)
         return io.NodeOutput(f"{name}.safetensors", loss_plot(report.losses), text, ui=ui.PreviewText(text))

@@ -18,7 +18,8 @@ from fmtt_testing.comfy_prompts import error_message, latent_of, ok
 
 def _families_suite():
     """The model-family suite's prompt builders and its `families` fixture (tiny models built once per module)."""
-    spec = importlib.util.spec_from_file_location("fmtt_family_suite", Path(__file__).with_name("test_model_families.py"))
+    path = Path(__file__).with_name("test_model_families.py")
+    spec = importlib.util.spec_from_file_location("fmtt_family_suite", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,6 +47,13 @@ def train_node(name, family="sd15", steps=30, latents=None, **overrides):
 
 
 def training_prompt(name, family="sd15", **kw):
+    if family == "flux":  # the tiny FLUX.1-dev converted from diffusers' model (tiny_flux_flow_map.py)
+        p = {"loader": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev_fm.safetensors",
+                                                               "weight_dtype": "default"}},
+             "positive": {"class_type": "FMTTTestConditioning", "inputs": {"seed": 21, "tokens": 4}},
+             "train": train_node(name, family, **{"width": 32, "height": 32, **kw})}
+        p["train"]["inputs"]["model"] = ["loader", 0]
+        return p
     p = family_nodes(family)
     model = p.pop("model_out")
     p.pop("vae_out")
@@ -164,3 +172,60 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expec
     entry = families.run(p, timeout=600)
     assert entry["status"]["status_str"] == "error" and expected in error_message(entry), error_message(entry)
     ok(families.run(ksampler_prompt("sd15", fresh_seed())))
+
+
+def _tiny_flux_module():
+    spec = importlib.util.spec_from_file_location("fmtt_tiny_flux_flow_map", Path(__file__).with_name(
+        "tiny_flux_flow_map.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_flux_map_trained_here_gives_fmrgs_x_in_diffusers(families):  # noqa: F811
+    """FMRG's own loading (DualTimeEmbedder + diffusers' load_lora_weights, unchanged) of the file the node wrote
+    gives the X the pack computes with it, on every case of the FLUX flow-map LoRA suite."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fmtt_testing import flux_flow_map_reference as ref
+    ok(families.run(training_prompt("fm_flux", "flux", steps=4, learning_rate=1e-2), timeout=600))
+    lora = families.base / "models" / "fmtt_flow_maps" / "fm_flux.safetensors"
+    tiny = _tiny_flux_module()
+    transformer = ref.tiny_transformer()  # the diffusers model tiny_flux_dev_fm.safetensors was converted from
+    trained, untrained = ref.load_like_fmrg(transformer, lora), ref.add_dual_time_embedder(transformer)
+    context, pooled = ref.conditioning(tiny.COND_SEED)
+    g = torch.Generator().manual_seed(23)
+    tensors, cases, moved = {}, [], []
+    with torch.no_grad():
+        for size, batch, pairs in tiny.CASES:
+            for sigma, sigma_next in pairs:
+                i = len(cases)
+                tensors[f"x{i}"] = x = torch.randn(batch, 16, *size, generator=g)
+                tensors[f"want{i}"] = want = ref.reference_jump(trained, x, sigma, sigma_next, context, pooled)
+                base = ref.reference_jump(untrained, x, sigma, sigma_next, context, pooled)
+                moved.append(float((want - base).abs().max() / want.abs().max()))
+                cases.append({"sigma": sigma, "sigma_next": sigma_next})
+        tensors["chain_x"] = z = torch.randn(2, 16, 4, 4, generator=g)
+        for sigma, sigma_next in zip(tiny.CHAIN[:-1], tiny.CHAIN[1:]):
+            z = ref.reference_jump(trained, z, sigma, sigma_next, context, pooled)
+        tensors["chain_want"] = z
+    assert max(moved) > 1e-3, moved  # the trained LoRA changes X: the comparison below can fail
+    reference = families.base / "fmtt_reference" / "trained_flux_flow_map.safetensors"
+    reference.parent.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, reference,
+              {"cases": json.dumps(cases), "chain": json.dumps(tiny.CHAIN), "cond_seed": str(tiny.COND_SEED)})
+    families.get("/object_info/FMTTTrainedFlowMapLookahead")
+    p = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev_fm.safetensors",
+                                                          "weight_dtype": "default"}},
+         "cond": {"class_type": "FMTTTestConditioning", "inputs": {"seed": tiny.COND_SEED, "tokens": 4}},
+         "look": {"class_type": "FMTTTrainedFlowMapLookahead", "inputs": {
+             "model": ["model", 0], "flow_map": "fm_flux.safetensors", "jumps": 1, "checkpoint": False}},
+         "check": {"class_type": "FMTTTestFlowMapCompare", "inputs": {
+             "model": ["model", 0], "lookahead": ["look", 0], "positive": ["cond", 0], "h": 1e-2,
+             "reference": str(reference)}}}
+    report = json.loads(ok(families.run(p))["outputs"]["check"]["text"][0])
+    for case in report["cases"]:
+        assert case["error"] < 1e-4, case  # relative to the reference's largest value, float32
+    assert report["chain_error"] < 1e-4, report
+    assert report["base_unchanged_inside"] and report["base_unchanged_after"], report
