@@ -165,7 +165,7 @@ class TwoTimeAdapter(torch.nn.Module):
         dm = base_model.diffusion_model
         device = device if device is not None else next(dm.parameters()).device
         self.to(device)
-        self._model_sampling = base_model.model_sampling
+        _set_model_sampling(self, base_model.model_sampling)
         handles = []
         modules = dict(dm.named_modules())
         for path, (down, up) in _items(self.lora):
@@ -183,7 +183,7 @@ class TwoTimeAdapter(torch.nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-            self._model_sampling = None
+            _set_model_sampling(self, None)
 
     @contextlib.contextmanager
     def active(self, sigma_next: torch.Tensor):
@@ -195,6 +195,12 @@ class TwoTimeAdapter(torch.nn.Module):
             yield
         finally:
             _SECOND.reset(token)
+
+
+def _set_model_sampling(adapter: TwoTimeAdapter, model_sampling) -> None:
+    """The installed model's sigma schedule, held by reference: not a sub-module (it is no part of the adapter's
+    state, which the trainer saves and resumes)."""
+    object.__setattr__(adapter, "_model_sampling", model_sampling)
 
 
 def _frozen_float_copy(module: torch.nn.Module) -> torch.nn.Module:
