@@ -27,6 +27,7 @@ from .files import FMTTFileError, read_safetensors_header
 from .lookahead import (
                     CompanionLookahead,
                     DenoiserLookahead,
+                    FewStepLookahead,
                     FlowMapLookahead,
                     ODELookahead,
 )
@@ -64,6 +65,7 @@ __all__ = [
                     "WEIGHTS",
                     "AdvectiveWeights",
                     "CompanionLookahead",
+                    "FewStepLookahead",
                     "DenoiserLookahead",
                     "EulerianWeights",
                     "FKWeights",

@@ -36,7 +36,9 @@ def read_safetensors_header(path: str | os.PathLike, what: str = "model file") -
         if len(head) < 8:
             raise FMTTFileError(f"{what} {path} is not a safetensors file: it holds only {size} bytes. {redownload}")
         (n,) = struct.unpack("<Q", head)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        # A pickle / zip signature counts only where the 8 bytes are no plausible header length: a real header of
+        # 128 + 256 k bytes starts with 0x80, one of 0x4B50 + 65536 k bytes with "PK".
+        if (n > _MAX_HEADER or 8 + n > size) and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise FMTTFileError(f"{what} {path} is a PyTorch pickle / zip checkpoint, not safetensors, despite its "
                                 f"name. Pickles are never loaded by name alone: convert it to safetensors "
                                 f"(safetensors.torch.save_file) or use the published .safetensors file.")

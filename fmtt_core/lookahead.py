@@ -21,6 +21,11 @@ from .nfe import NFE
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FlowMap = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Grid = Callable[[torch.Tensor, int], list]  # (t [B], steps) -> [t_0 = t, t_1, ..., t_steps = 1], each [B]
+
+
+def uniform_grid(t: torch.Tensor, steps: int) -> list:
+    return [t + (1 - t) * j / steps for j in range(steps + 1)]
 
 
 def _check_steps(name: str, steps: int) -> int:
@@ -72,8 +77,8 @@ class DenoiserLookahead:
 class ODELookahead:
     """`steps` solver steps of the probability-flow ODE dx = b_t(x) dt from t to 1.
 
-    Uniform sub-grid per particle; Heun's corrector is skipped on the final step, whose end point
-    t = 1 has no velocity (the Euler step there lands exactly on D).
+    Sub-grid per particle: uniform in t, or `grid(t, steps)`; Heun's corrector is skipped on the final step, whose
+    end point t = 1 has no velocity (the Euler step there lands exactly on D).
     """
 
     denoiser: Denoiser
@@ -81,6 +86,7 @@ class ODELookahead:
     solver: str = "euler"
     checkpoint: bool = False
     reuse_denoised: bool = True
+    grid: Grid = uniform_grid
     kind = "ode"
     flow_map_of_base = True  # the base model's own ODE, up to solver error
 
@@ -108,7 +114,7 @@ class ODELookahead:
 
     def __call__(self, x, t, denoised=None, nfe=None):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        grid = [t + (1 - t) * j / self.steps for j in range(self.steps + 1)]
+        grid = self.grid(t, self.steps)
         for j in range(self.steps):
             if j == 0 and denoised is not None and self.reuse_denoised:
                 d = denoised
@@ -129,6 +135,20 @@ class CompanionLookahead(ODELookahead):
     reuse_denoised: bool = False
     kind = "companion"
     flow_map_of_base = False  # another model's ODE: not the base flow map, so advective weights
+
+
+@dataclass
+class FewStepLookahead(ODELookahead):
+    """`steps` deterministic Euler steps of a few-step distilled model (a consistency / TCD / Lightning-style LoRA
+    on the base model), on the grid it is meant to be sampled on. In the sigma clock an Euler step is DDIM's jump
+    x' = D + sigma' (x - D) / sigma: TCD with gamma 0, and LCM's multistep sampler with its fresh noise replaced by
+    the noise the model itself implies. Not a flow map of the base model: such models are trained to land on the
+    data (consistency) or away from the teacher's ODE (adversarial / distribution matching), so the weights must
+    not assume X_{t,1} is the base model's flow map."""
+
+    reuse_denoised: bool = False  # the base model's D is not the few-step model's
+    kind = "few_step"
+    flow_map_of_base = False
 
 
 @dataclass

@@ -5,57 +5,36 @@ What the file means is fmtt_core.flow_maps.two_time_lora's business; this module
 * LoRA keys go through ComfyUI's own diffusers -> ComfyUI mapping (comfy.lora.model_lora_keys_unet, built on
   comfy.utils.flux_to_diffusers): to_q / to_k / to_v land in row slices of the fused qkv / linear1 weights, the
   final layer's scale / shift halves are swapped, exactly as ComfyUI's LoraLoader would merge them.
-* The LoRA runs *beside* the weights (out = W x + s up(down(x))), and only inside the look-ahead's calls: the base
-  sampler keeps calling the same loaded model without it, so the user's MODEL is never modified and no second copy
-  of the 12B weights exists (a weight-patched clone would make ComfyUI swap all weights at every look-ahead call).
+* The LoRA runs *beside* the weights (nodes/side_lora.py: out = W x + s up(down(x))), and only inside the
+  look-ahead's calls: the base sampler keeps calling the same loaded model without it, so the user's MODEL is never
+  modified and no second copy of the 12B weights exists (a weight-patched clone would make ComfyUI swap all weights
+  at every look-ahead call).
 * The second time embedder is a copy of the model's time_in / guidance_in / vector_in with the file's LoRA (or
   full tensors) merged in; while the look-ahead runs, each of the three returns the mean of itself and its copy,
   the copy's time_in embedding sigma' instead of sigma: vec = (E1(sigma) + E2(sigma')) / 2, FMRG's DualTimeEmbedder.
 
-The LoRA is "active" through a context variable set around each look-ahead evaluation; block recompute (autograd.py)
-restores the call's context in the backward pass, so gradients see the same model the forward pass did.
+The LoRA and sigma' are "active" through context variables set around each look-ahead evaluation; block recompute
+(autograd.py) restores the call's context in the backward pass, so gradients see the same model the forward pass did.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 from dataclasses import dataclass, field
 
-import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.utils
 import torch
-import torch.nn.functional as F
 from comfy.ldm.flux.layers import timestep_embedding
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
 from ..fmtt_core.flow_maps import TwoTimeLoRA, average_embeddings, inspect_two_time_lora, jump_from_denoiser
-from .lookahead_specs import _Plain
+from .lookahead_specs import BesideTheWeights
+from .side_lora import SideLoRA
 
 EMBEDDERS = {"timestep_embedder": "time_in", "guidance_embedder": "guidance_in", "text_embedder": "vector_in"}
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmtt_flux_flow_map", default=None)
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """One LoRA on (a row slice of) a ComfyUI Linear: rows [start, start + size) get s * up(down(x))."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float
-    rows: tuple[int, int] | None = None  # (start, size) inside a fused weight, None: all rows
-    function: object = None  # ComfyUI's row transform of the weight (the final layer's scale / shift swap)
-
-    def __call__(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
-        h = F.linear(F.linear(x, self.down.to(x)), self.up.to(x)) * self.scale
-        if self.function is not None:
-            h = self.function(h.movedim(-1, 0)).movedim(0, -1)
-        if self.rows is not None:
-            start, size = self.rows
-            h = F.pad(h, (start, out_features - start - size))
-        return h
+_SIGMA_NEXT: contextvars.ContextVar = contextvars.ContextVar("fmtt_flux_flow_map_sigma_next", default=None)
 
 
 def check_flux(model) -> None:
@@ -67,49 +46,23 @@ def check_flux(model) -> None:
                              "Connect the FLUX.1-dev model (Load Diffusion Model with flux1-dev).")
 
 
-def _module_path(key: str) -> str:
-    return key.removeprefix("diffusion_model.").removesuffix(".weight")
-
-
-def _split_target(value):
-    """ComfyUI's key map entry: a weight key, (key, (dim, start, size)) or (key, None, function)."""
-    if isinstance(value, str):
-        return value, None, None
-    key, offset = value[0], value[1]
-    return key, (None if offset is None else (int(offset[1]), int(offset[2]))), (value[2] if len(value) > 2 else None)
-
-
 @dataclass(eq=False)
 class FluxFlowMapPatch:
-    """The file mapped onto a FLUX MODEL: LoRA pieces per ComfyUI Linear, and the second embedder's weights."""
+    """The file mapped onto a FLUX MODEL: the base layers' LoRA (side_lora), and the second embedder's weights."""
 
     info: TwoTimeLoRA
     strength: float
     unet_config: dict
-    pieces: dict[str, list[_Piece]] = field(default_factory=dict)
+    lora: SideLoRA  # the base layers' LoRA, beside the weights
     second: dict[str, dict[str, object]] = field(default_factory=dict)  # "time_in" -> {"in_layer": delta / full}
 
     @classmethod
     def build(cls, model, info: TwoTimeLoRA, tensors: dict[str, torch.Tensor], strength: float) -> FluxFlowMapPatch:
         check_flux(model)
         base = model.model
-        key_map = comfy.lora.model_lora_keys_unet(base, {})
+        file_name = info.path.rsplit("/", 1)[-1]
         state = base.state_dict()
-        patch = cls(info, strength, dict(base.model_config.unet_config))
-        unmatched, wrong = [], []
-        for name, layer in info.base.items():
-            target = key_map.get("transformer." + name)
-            if target is None or _split_target(target)[0] not in state:
-                unmatched.append(name)
-                continue
-            key, rows, function = _split_target(target)
-            down, up = tensors[layer.down], tensors[layer.up]  # kept as stored; moved once per sampling run
-            out_rows = rows[1] if rows is not None else state[key].shape[0]
-            if state[key].ndim != 2 or down.shape[1] != state[key].shape[1] or up.shape[0] != out_rows:
-                wrong.append(f"{name}: LoRA {(up.shape[0], down.shape[1])}, model {tuple(state[key].shape)}")
-                continue
-            patch.pieces.setdefault(_module_path(key), []).append(
-                _Piece(down, up, layer.scale * strength, rows, function))
+        second, unmatched, wrong = {}, [], []
         diffusers_to_comfy = comfy.utils.flux_to_diffusers(base.model_config.unet_config,
                                                            output_prefix="diffusion_model.")
         for name, value in [*info.second.items(), *info.second_full.items()]:
@@ -118,25 +71,32 @@ class FluxFlowMapPatch:
             if not isinstance(target, str) or target not in state:
                 unmatched.append("second_embedder." + name)
                 continue
-            embedder, layer_name = _module_path(target).split(".")
-            if name in info.second:  # a LoRA on the copy: delta W, merged into the copy at sampling time
+            embedder, layer_name = target.removeprefix("diffusion_model.").removesuffix(".weight").split(".")
+            if name in info.second:  # a LoRA on the copy: delta W (and delta b), merged into the copy at sampling time
                 delta = value.delta(tensors) * strength
                 if delta.shape != state[target].shape:
                     wrong.append(f"second_embedder.{name}: {tuple(delta.shape)} vs {tuple(state[target].shape)}")
                     continue
-                patch.second.setdefault(embedder, {})[layer_name] = delta
+                second.setdefault(embedder, {})[layer_name] = delta
+                if value.bias is not None:
+                    second[embedder][f"{layer_name}.bias"] = value.bias_delta(tensors) * strength
             else:  # a full tensor replacing the copy's weight or bias
                 kind = name.rsplit(".", 1)[1]
-                patch.second.setdefault(embedder, {})[f"{layer_name}.{kind}="] = tensors[value].float()
+                second.setdefault(embedder, {})[f"{layer_name}.{kind}="] = tensors[value].float()
         if unmatched:
             raise FMTTInputError(
-                f"FMTT: {len(unmatched)} layer(s) of '{info.path.rsplit('/', 1)[-1]}' match nothing in this FLUX model "
+                f"FMTT: {len(unmatched)} layer(s) of '{file_name}' match nothing in this FLUX model "
                 f"(e.g. {', '.join(unmatched[:4])}). The LoRA was made for another model: use the FLUX.1-dev it was "
                 "trained on (FMRG's LoRA needs FLUX.1-dev with its guidance embedder).")
         if wrong:
             raise FMTTInputError(f"FMTT: the LoRA's shapes do not fit this FLUX model ({'; '.join(wrong[:3])}): it is "
                                  "for another model size. Use the FLUX.1-dev it was trained on.")
-        return patch
+        try:
+            lora = SideLoRA.build(model, comfy_named(info, tensors), strength, file_name)
+        except FMTTInputError as e:  # the base layers: the same fix as above, in FLUX.1-dev's words
+            raise FMTTInputError(f"{e} (FMRG's LoRA needs the FLUX.1-dev it was trained on, with its guidance "
+                                 "embedder.)") from None
+        return cls(info, strength, dict(base.model_config.unet_config), lora, second)
 
     # ---------------------------------------------------------------- on the loaded model, while sampling
 
@@ -157,6 +117,8 @@ class FluxFlowMapPatch:
                     b = None if b is None else b.detach().to(device, torch.float32).clone()
                     if layer_name in changes:
                         w = w + changes[layer_name].to(device)
+                    if f"{layer_name}.bias" in changes:
+                        b = b + changes[f"{layer_name}.bias"].to(device)
                     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device)
                     linear.weight = torch.nn.Parameter(w, requires_grad=False)
                     if b is not None:
@@ -167,32 +129,21 @@ class FluxFlowMapPatch:
 
     @contextlib.contextmanager
     def installed(self, base_model, device=None):
-        """Hooks on the loaded model's modules for the duration of a sampling run; they act only while `active`.
-        device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own device)."""
+        """The LoRA's hooks and the dual embedders on the loaded model for a sampling run; they act only while
+        `active`. device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own)."""
         if dict(base_model.model_config.unet_config) != self.unet_config:
             raise FMTTInputError("FMTT: the flow-map LoRA look-ahead was loaded on another model than the one being "
                                  "sampled; connect the same FLUX.1-dev MODEL to both.")
         dm = base_model.diffusion_model
         device = device if device is not None else comfy.model_management.get_torch_device()
-        dtype = base_model.get_dtype_inference()
-        dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
         saved = []
-
-        def replace(module, forward):
-            saved.append((module, module.__dict__.get("forward")))
-            module.forward = forward
-
-        with torch.inference_mode(False):  # on the compute device once, not at every call
-            on_device = {path: [dataclasses.replace(p, down=p.down.to(device, dtype), up=p.up.to(device, dtype))
-                                for p in pieces] for path, pieces in self.pieces.items()}
-        for path, pieces in on_device.items():
-            module = dm.get_submodule(path)
-            replace(module, _lora_forward(module.forward, pieces, module.weight.shape[0]))
         for embedder, copy in self._second_embedders(dm, device).items():
             module = getattr(dm, embedder)
-            replace(module, _dual_forward(module.forward, copy, embedder == "time_in"))
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = _dual_forward(module.forward, copy, embedder == "time_in")
         try:
-            yield
+            with self.lora.installed(base_model, device):
+                yield
         finally:
             for module, before in reversed(saved):
                 if before is None:
@@ -203,11 +154,26 @@ class FluxFlowMapPatch:
     @contextlib.contextmanager
     def active(self, sigma_next: torch.Tensor):
         """Inside: the model is the two-time model at (sigma, sigma'), sigma' one per row of the caller's batch."""
-        token = _ACTIVE.set(sigma_next.detach().reshape(-1))
+        token = _SIGMA_NEXT.set(sigma_next.detach().reshape(-1))
         try:
-            yield
+            with self.lora.active():
+                yield
         finally:
-            _ACTIVE.reset(token)
+            _SIGMA_NEXT.reset(token)
+
+
+def comfy_named(info: TwoTimeLoRA, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base layers' LoRA under the diffusers names ComfyUI's key map knows (`transformer.<module>`), with the
+    file's scale (peft metadata, rsLoRA, alpha keys) written as the alpha LoraLoader reads: alpha = scale * rank."""
+    named = {}
+    for name, layer in info.base.items():
+        down = tensors[layer.down]
+        named[f"transformer.{name}.lora_A.weight"] = down
+        named[f"transformer.{name}.lora_B.weight"] = tensors[layer.up]
+        named[f"transformer.{name}.alpha"] = torch.tensor(layer.scale * down.shape[0], dtype=torch.float64)
+        if layer.bias is not None:
+            named[f"transformer.{name}.lora_B.bias"] = tensors[layer.bias]
+    return named
 
 
 def _rows(sigma_next: torch.Tensor, n: int) -> torch.Tensor:
@@ -218,20 +184,10 @@ def _rows(sigma_next: torch.Tensor, n: int) -> torch.Tensor:
     return sigma_next.repeat(n // sigma_next.shape[0])
 
 
-def _lora_forward(forward, pieces, out_features):
-    def lora_forward(x, *args, **kwargs):
-        out = forward(x, *args, **kwargs)
-        if _ACTIVE.get() is None:
-            return out
-        return out + sum(piece(x, out_features) for piece in pieces).to(out.dtype)
-
-    return lora_forward
-
-
 def _dual_forward(forward, second, embeds_time: bool):
     def dual_forward(e, *args, **kwargs):
         first = forward(e, *args, **kwargs)
-        sigma_next = _ACTIVE.get()
+        sigma_next = _SIGMA_NEXT.get()
         if sigma_next is None:
             return first
         if embeds_time:  # the copy embeds sigma', the original sigma (its input e)
@@ -242,7 +198,7 @@ def _dual_forward(forward, second, embeds_time: bool):
 
 
 @dataclass(frozen=True, eq=False)
-class FluxFlowMapLoRALookahead(_Plain):
+class FluxFlowMapLoRALookahead(BesideTheWeights):
     """(e) FLUX.1-dev's two-time flow-map LoRA: X_{t,1} in `jumps` jumps of the base model run as a flow map."""
 
     patch: FluxFlowMapPatch
@@ -271,9 +227,8 @@ class FluxFlowMapLoRALookahead(_Plain):
     def build(self, denoiser, companion=None):
         return FlowMapLookahead(self.flow_map(denoiser), jumps=self.jumps, checkpoint=self.checkpoint)
 
-    def run_with(self, base_model, x, sigmas, seed, body):
-        with self.patch.installed(base_model):
-            return body()
+    def installed(self, base_model, device=None):
+        return self.patch.installed(base_model, device)
 
 
 def load_lookahead(model, path: str, name: str, strength: float, jumps: int, checkpoint: bool):

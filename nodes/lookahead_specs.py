@@ -49,6 +49,19 @@ class _Plain:
         return body()
 
 
+class BesideTheWeights(_Plain):
+    """Specs that run the sampled model itself with a LoRA beside its weights (nodes/side_lora.py) inside their
+    calls. `installed(base_model, device)` puts the hooks on a loaded model: the main one here, each MultiGPU clone's
+    in nodes/multigpu.py."""
+
+    def installed(self, base_model, device=None):
+        raise NotImplementedError
+
+    def run_with(self, base_model, x, sigmas, seed, body):
+        with self.installed(base_model):
+            return body()
+
+
 @dataclass(frozen=True)
 class BaseModelLookahead(_Plain):
     """(a) the base model's denoiser D(x, t), or (b) k ODE steps of the base model."""

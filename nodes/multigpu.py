@@ -29,8 +29,7 @@ from ..fmtt_core.nfe import NFE
 from ..fmtt_core.particles import ParticleLoop, split_rows
 from .autograd import normal_tensor, this_thread
 from .decoding import vae_decoder
-from .flux_flow_map import FluxFlowMapLoRALookahead
-from .lookahead_specs import BaseModelLookahead, FlowMapFileLookahead
+from .lookahead_specs import BaseModelLookahead, BesideTheWeights, FlowMapFileLookahead
 
 MULTIGPU_KEYS = ("multigpu_clones", "multigpu_thread_pool")
 POLL_S = 0.25  # how often the calling thread checks for Cancel while it waits for the other devices
@@ -179,16 +178,16 @@ class Replica:
     modules: list  # what gradients flow through (made differentiable by the sampler)
 
     def prepared(self):
-        """What the device's models need around the sampling run: a FLUX flow-map LoRA's hooks on the clone (the
-        main model's are installed by the look-ahead's own run_with)."""
-        if isinstance(self.spec, FluxFlowMapLoRALookahead) and not self.unit.main:
-            return self.spec.patch.installed(self.unit.patcher.model, self.unit.device)
+        """What the device's models need around the sampling run: a LoRA beside the weights hooked on the clone
+        (the main model's is installed by the look-ahead's own run_with)."""
+        if isinstance(self.spec, BesideTheWeights) and not self.unit.main:
+            return self.spec.installed(self.unit.patcher.model, self.unit.device)
         return contextlib.nullcontext()
 
 
 def spreadable(spec, reward) -> str | None:
     """Why this run cannot be spread over the clones (None: it can)."""
-    if not isinstance(spec, (BaseModelLookahead, FlowMapFileLookahead, FluxFlowMapLoRALookahead)):
+    if not isinstance(spec, (BaseModelLookahead, FlowMapFileLookahead, BesideTheWeights)):
         return (f"the look-ahead ({spec.describe()}) has no copies on the other devices (a companion model is "
                 "prepared by a sampling run of its own, on the main device only)")
     if reward is not None and not isinstance(reward, torch.nn.Module):

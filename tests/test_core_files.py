@@ -42,3 +42,22 @@ def test_pickle_under_a_safetensors_name_is_refused(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FMTTFileError, match="not found"):
         read_safetensors_header(tmp_path / "nope.safetensors", "reward weights")
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_a_valid_file_whose_header_length_looks_like_a_pickle_signature_is_read(tmp_path, first_bytes):
+    """The header length is little-endian: 1 valid file in 256 starts with 0x80, 1 in 65536 with "PK"."""
+    import json
+    import struct
+    target = int.from_bytes(first_bytes.ljust(2, b"\x00")[:len(first_bytes)], "little")
+    modulus = 256 ** len(first_bytes)
+    header = {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"pad": ""}}
+    text = json.dumps(header).encode()
+    pad = (target - len(text)) % modulus  # grow the metadata until the length ends in those bytes
+    header["__metadata__"]["pad"] = "x" * pad
+    text = json.dumps(header).encode()
+    assert len(text) % modulus == target
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\x00" * 4)
+    assert path.read_bytes()[:len(first_bytes)] == first_bytes
+    assert read_safetensors_header(path)["w"]["shape"] == [1]

@@ -42,10 +42,11 @@ class PackDualTime(torch.nn.Module):
         self.model = copy.deepcopy(base)
         second = copy.deepcopy(self.model.time_text_embed)
         with torch.no_grad():
-            for name, layer in info.base.items():
-                self.model.get_submodule(name).weight += layer.delta(tensors)
-            for name, layer in info.second.items():
-                second.get_submodule(name).weight += layer.delta(tensors)
+            for modules, layers in ((self.model, info.base), (second, info.second)):
+                for name, layer in layers.items():
+                    modules.get_submodule(name).weight += layer.delta(tensors)
+                    if layer.bias is not None:  # peft's lora_bias=True
+                        modules.get_submodule(name).bias += layer.bias_delta(tensors)
         first = self.model.time_text_embed
 
         class Dual(torch.nn.Module):
@@ -78,10 +79,14 @@ def test_keys_of_a_diffusers_saved_flow_map_lora(files):
     assert {round(layer.scale, 6) for layer in [*info.base.values(), *info.second.values()]} == {2.0}  # alpha 8 / r 4
 
 
-@pytest.mark.parametrize("size", [(4, 4), (6, 8)], ids=["32px", "48x64px"])
-def test_pack_reading_matches_diffusers_fmrg_reference(files, size):
+@pytest.mark.parametrize("size, lora_bias", [((4, 4), False), ((6, 8), False), ((4, 4), True)],
+                         ids=["32px", "48x64px", "peft_lora_bias"])
+def test_pack_reading_matches_diffusers_fmrg_reference(files, size, lora_bias, tmp_path):
     base, path, _ = files
+    if lora_bias:  # a legal peft LoRA with a bias on every B (issue 20): read, and it counts
+        path = ref.save_flow_map_lora(base, tmp_path / "flow_bias.safetensors", lora_bias=True)
     info = inspect_two_time_lora(path)
+    assert all((layer.bias is not None) == lora_bias for layer in [*info.base.values(), *info.second.values()])
     pack = PackDualTime(base, info, info.load_tensors()).eval()
     reference = ref.load_like_fmrg(base, path)
     context, pooled = ref.conditioning(3)
@@ -164,3 +169,23 @@ def test_full_second_embedder_tensors_are_read_as_replacements(tmp_path):
     assert info.second_full == {"timestep_embedder.linear_1.weight":
                                 f"transformer.{SECOND}timestep_embedder.linear_1.weight"}
     assert info.base["transformer_blocks.0.attn.to_q"].scale == 1.0  # no metadata, no alpha: diffusers' scale 1
+
+
+def test_disagreeing_ranks_are_refused_when_read_naming_the_layer(tmp_path):
+    """A and B of one layer with different ranks: refused at inspection (diffusers refuses it at load), not later
+    with a raw shape error inside the second embedder."""
+    save_file({f"transformer.{SECOND}timestep_embedder.linear_1.lora_A.weight": torch.zeros(4, 8),
+               f"transformer.{SECOND}timestep_embedder.linear_1.lora_B.weight": torch.zeros(8, 2)},
+              tmp_path / "ranks.safetensors")
+    with pytest.raises(FlowMapLoRAError, match=r"ranks\.safetensors.*second_embedder\.timestep_embedder\.linear_1"
+                                               r".*ranks disagree"):
+        inspect_two_time_lora(tmp_path / "ranks.safetensors")
+
+
+def test_a_kohya_named_flow_map_lora_is_called_what_it_is(tmp_path):
+    name = "lora_transformer_time_text_embed_second_embedder_timestep_embedder_linear_1"
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)},
+              tmp_path / "kohya_flow.safetensors")
+    with pytest.raises(FlowMapLoRAError, match="two-time flow-map LoRA in kohya naming") as error:
+        inspect_two_time_lora(tmp_path / "kohya_flow.safetensors")
+    assert "ordinary" not in str(error.value) and "no second time embedder" not in str(error.value)

@@ -49,7 +49,7 @@ from ..files import read_safetensors_header
 PREFIX = "transformer."
 ORIGINAL, SECOND = "time_text_embed.original_embedder.", "time_text_embed.second_embedder."
 LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)"
-                      r"(?:\.default)?\.weight$")
+                      r"(?:\.default)?\.(?P<param>weight|bias)$")
 DOWN, UP = ("lora_A", "lora_down", "lora.down"), ("lora_B", "lora_up", "lora.up")
 
 # Key fragments that identify a model family (checked in order: the first family that matches wins).
@@ -70,14 +70,19 @@ class FlowMapLoRAError(FMTTInputError):
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One LoRA: delta W = scale * up @ down, up [out, r], down [r, in], read from the file's keys."""
+    """One LoRA: delta W = scale * up @ down, up [out, r], down [r, in], read from the file's keys; with peft's
+    lora_bias=True also delta b = scale * bias (peft scales the up layer's bias with the rest of it)."""
 
     down: str
     up: str
     scale: float
+    bias: str | None = None
 
     def delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.scale * tensors[self.up].float() @ tensors[self.down].float()
+
+    def bias_delta(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None if self.bias is None else self.scale * tensors[self.bias].float()
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class TwoTimeLoRA:
 
     def keys(self) -> list[str]:
         layers = [*self.base.values(), *self.second.values()]
-        return sorted({k for layer in layers for k in (layer.down, layer.up)} | set(self.second_full.values()))
+        return sorted({k for layer in layers for k in (layer.down, layer.up, layer.bias) if k is not None}
+                      | set(self.second_full.values()))
 
     def load_tensors(self, device="cpu") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -163,6 +169,11 @@ def _lora_layers(header: dict) -> tuple[dict[str, dict[str, str]], list[str]]:
             other.append(key)
             continue
         side = "down" if m["part"] in DOWN else "up"
+        if m["param"] == "bias":
+            if side == "down":  # peft's lora_bias puts a bias on B only
+                other.append(key)
+                continue
+            side = "bias"
         pairs.setdefault(m["module"], {})[side] = key
     return pairs, other
 
@@ -191,13 +202,23 @@ class FMRGDualTime:
             raise FlowMapLoRAError(f"'{os.path.basename(path)}' is a DoRA; this pack loads plain LoRA flow maps only.")
         base, second, full, ranks = {}, {}, {}, set()
         for module, sides in pairs.items():
-            if set(sides) != {"down", "up"}:
+            if not {"down", "up"} <= set(sides):
                 raise FlowMapLoRAError(f"'{os.path.basename(path)}': the LoRA of {module} has only its "
-                                       f"{next(iter(sides))} matrix; the file is incomplete. Download it again.")
+                                       f"{' and '.join(sides)} tensor(s); the file is incomplete. Download it again.")
             name = module.removeprefix(PREFIX)
-            rank = int(header[sides["down"]]["shape"][0])
+            down, up = header[sides["down"]]["shape"], header[sides["up"]]["shape"]
+            rank = int(down[0])
+            if len(down) != 2 or len(up) != 2 or int(up[1]) != rank:
+                raise FlowMapLoRAError(
+                    f"'{os.path.basename(path)}': the LoRA of {module} has A {tuple(down)} and B {tuple(up)}: their "
+                    "ranks disagree (A is [r, in], B is [out, r]). The file is damaged or was edited; export it again.")
+            bias = sides.get("bias")
+            if bias is not None and list(header[bias]["shape"]) != [int(up[0])]:
+                raise FlowMapLoRAError(f"'{os.path.basename(path)}': the LoRA bias of {module} has shape "
+                                       f"{tuple(header[bias]['shape'])}, its B matrix {tuple(up)} rows; the file is "
+                                       "damaged. Export it again.")
             ranks.add(rank)
-            layer = LoraLayer(sides["down"], sides["up"], _scale(name, rank, config, alphas))
+            layer = LoraLayer(sides["down"], sides["up"], _scale(name, rank, config, alphas), bias)
             if name.startswith(SECOND):
                 second[name[len(SECOND):]] = layer
             else:  # the original embedder is the model's own time_text_embed: the name diffusers and ComfyUI map
@@ -241,6 +262,12 @@ def inspect_two_time_lora(path: str | os.PathLike) -> TwoTimeLoRA:
     if not is_lora:
         raise FlowMapLoRAError(f"'{name}' is not a LoRA (its tensors are named like {keys[0]!r}, a full model). "
                                "Load models with their loader nodes; this node takes a two-time flow-map LoRA.")
+    if any(("second_embedder" in k or "original_embedder" in k) and not k.startswith(PREFIX) for k in keys):
+        raise FlowMapLoRAError(
+            f"'{name}' is a two-time flow-map LoRA in kohya naming (keys like "
+            f"{next(k for k in keys if 'embedder' in k)!r}); this node reads the diffusers / peft naming FMRG's "
+            f"loader uses ('{PREFIX}{SECOND}timestep_embedder.linear_1.lora_A.weight', ...). Save the LoRA with "
+            "diffusers' save_lora_weights (or convert its keys to that naming) and load that file.")
     if family == "FLUX":
         raise FlowMapLoRAError(
             f"'{name}' is an ordinary FLUX LoRA: it has no second time embedder "

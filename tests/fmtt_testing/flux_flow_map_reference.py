@@ -74,13 +74,15 @@ def tiny_transformer(seed: int = 11):
 
 
 def save_flow_map_lora(transformer, path: Path, rank: int = 4, alpha: float = 8.0, seed: int = 12,
-                       targets=TARGETS) -> Path:
+                       targets=TARGETS, lora_bias: bool = False) -> Path:
     """Wrap a copy of `transformer` as FMRG does, add a random peft LoRA and save it with diffusers'
-    FluxPipeline.save_lora_weights (peft names, `transformer.` prefix, LoraConfig in the metadata)."""
+    FluxPipeline.save_lora_weights (peft names, `transformer.` prefix, LoraConfig in the metadata).
+    lora_bias: peft's LoraConfig(lora_bias=True), a bias on every B matrix (random, like B)."""
     from diffusers import FluxPipeline
     from peft import LoraConfig, get_peft_model_state_dict
     model = add_dual_time_embedder(copy.deepcopy(transformer))
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_bias=lora_bias,
+                        init_lora_weights=True if lora_bias else "gaussian")  # peft allows lora_bias with True only
     model.add_adapter(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # peft starts lora_B at zero: a random B makes every layer count

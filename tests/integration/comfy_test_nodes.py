@@ -213,7 +213,7 @@ class TestExtension(ComfyExtension):
     async def get_node_list(self):
         return [TestConditioning, TestNaNReward, TestLinearReward, TestLatentReport, TestGradientCheck,
                 *pack_test_nodes("flux_flow_map_test_nodes.py"), *pack_test_nodes("family_test_nodes.py"),
-                *pack_test_nodes("multigpu_test_nodes.py")]
+                *pack_test_nodes("multigpu_test_nodes.py"), *pack_test_nodes("few_step_test_nodes.py")]
 
 
 async def comfy_entrypoint():

@@ -49,8 +49,9 @@ def families(comfy):
     model folders when they change)."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-    subprocess.run([python, str(HERE / "tiny_unets.py"), os.environ["COMFYUI_PATH"], str(comfy.base)], check=True,
-                   capture_output=True, timeout=600, env=env)
+    for script in ("tiny_unets.py", "tiny_few_step_loras.py"):  # the few-step LoRAs for the family workflows
+        subprocess.run([python, str(HERE / script), os.environ["COMFYUI_PATH"], str(comfy.base)], check=True,
+                       capture_output=True, timeout=600, env=env)
     return comfy
 
 
@@ -312,6 +313,10 @@ def family_substitutes(prompt: dict) -> dict:
             if "steps" in inp:
                 inp["steps"] = 3
         elif kind in ("FMTTCompanionLookahead", "FMTTBaseModelLookahead"):
+            inp["steps"] = 2
+        elif kind == "FMTTFewStepLoRALookahead":  # a random LoRA of the family, named like the real one's kind
+            inp["lora_name"] = {"sdxl": "tiny_sdxl_lcm_kohya.safetensors",
+                                "sd15": "tiny_sd15_hyper_diffusers.safetensors"}[family]
             inp["steps"] = 2
         elif kind == "BasicScheduler":
             inp["steps"] = 3
