@@ -210,9 +210,9 @@ def train(model, run: Run) -> Report:
         guided = GuidedModel(lambda xc, sigma: m(xc, sigma, **extra_args), inner, base, run.data,
                              torch.zeros((1, *run.data.shape), device=x.device), run.settings.seed)
         check_memory(base, run.settings.batch, run.data.shape, run.cfg, run.block_checkpointing)
-        adapter = TwoTimeAdapter.fresh(base, run.rank, torch.Generator().manual_seed(run.settings.seed))
-        with adapter.installed(base), differentiable([base.diffusion_model],
-                                                     block_checkpointing=run.block_checkpointing):
+        adapter = TwoTimeAdapter.fresh(inner.model_patcher, run.rank, torch.Generator().manual_seed(run.settings.seed),
+                                       os.path.basename(run.lora_path))
+        with differentiable([base.diffusion_model], block_checkpointing=run.block_checkpointing):
             _train(guided, adapter, base, run, report, x.device)
         return x
 
@@ -225,9 +225,16 @@ def train(model, run: Run) -> Report:
 
 
 class _NodeTrainer(FlowMapTrainer):
-    """The core trainer; every save of its resumable state also writes the flow map file beside it."""
+    """The core trainer, with the two-time adapter installed on the model for each step (side_lora casts the LoRA to
+    the model's dtype on entry: a fresh cast per step keeps the gradient path to the trained matrices); every save of
+    its resumable state also writes the flow map file beside it."""
 
     on_save = None
+    install = None
+
+    def train_step(self):
+        with self.install():
+            return super().train_step()
 
     def save(self, path=None):
         out = super().save(path)
@@ -262,7 +269,14 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
                                 dataclasses.replace(run.settings, seed=run.settings.seed + 15485863)).draw_batch()
     eval_rows = guided.rows
 
+    def install():
+        return adapter.installed(base, device)
+
     def record_errors(trainer):
+        with install():
+            _record_errors(trainer)
+
+    def _record_errors(trainer):
         errors = lookahead_errors(guided, adapter, eval_noise, target)
         xs = errors.pop("_x")
         report.lookahead_error[f"step {trainer.step}"] = errors
@@ -281,7 +295,7 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
     trainer = _NodeTrainer(adapter, guided.teacher, draw, run.settings, student=guided.student(adapter),
                            out_dir=run.state_dir, on_preview=record_errors,
                            on_log=lambda rec: pbar.update_absolute(rec["step"], run.settings.steps))
-    trainer.on_save = write
+    trainer.on_save, trainer.install = write, install
     if run.resume_from:
         _resume(trainer, run.resume_from, fingerprint)
     else:

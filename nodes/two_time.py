@@ -30,6 +30,7 @@ from comfy.ldm.flux.layers import timestep_embedding as flux_embedding
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding as unet_embedding
 
 from ..fmtt_core import FMTTInputError
+from .side_lora import SideLoRA
 
 _SECOND: contextvars.ContextVar = contextvars.ContextVar("fmtt_second_time", default=None)
 
@@ -91,95 +92,94 @@ def model_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     return (i - 1).float() + (s - lo) / (hi - lo)
 
 
-class TwoTimeAdapter(torch.nn.Module):
-    """LoRA pieces beside the model's Linears and a second time embedder (a LoRA'd copy of the model's own).
+class LoRALinear(torch.nn.Module):
+    """A Linear of the second embedder with its LoRA: x -> x (W + up down)^T + b (W, b frozen, the model's own)."""
 
-    lora[path]   = (down [r, in], up [out, r]): out = W x + up(down(x)) while a two-time call is active
-    copies[name] = the copied embedder (frozen, float32); second[path] its LoRA, always on (the copy only runs then)
+    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, trainable: bool):
+        super().__init__()
+        with torch.inference_mode(False):
+            self.weight = torch.nn.Parameter(linear.weight.detach().clone().float(), requires_grad=False)
+            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone().float(),
+                                                                             requires_grad=False)
+            self.down = torch.nn.Parameter(down.detach().clone().float(), requires_grad=trainable)
+            self.up = torch.nn.Parameter(up.detach().clone().float(), requires_grad=trainable)
+
+    def forward(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight + self.up @ self.down, self.bias)
+
+
+class TwoTimeAdapter(torch.nn.Module):
+    """The two-time model's own tensors: a LoRA beside the model's Linears, applied by the pack's one mechanism for
+    that (nodes/side_lora.py), and the second time embedder (a copy of the model's, with a LoRA on its Linears).
+
+    lora[path]    = (down [r, in], up [out, r]) on the model's Linear `path` (ComfyUI's module path)
+    copies[name]  = the copied embedder; its Linears are LoRALinear (second[name.sub] = their (down, up))
     """
 
-    def __init__(self, family: Family, base_model, base: dict, second: dict, trainable: bool):
+    def __init__(self, family: Family, model, base: dict, second: dict, trainable: bool, name: str):
         super().__init__()
-        self.family = family
-        dm = base_model.diffusion_model
+        self.family, self.name = family, name
+        dm = model.model.diffusion_model
+        self.lora = _pairs(base, trainable)
         self.copies = torch.nn.ModuleDict()
         with torch.inference_mode(False):
-            for name in family.embedders:
-                module = getattr(dm, name, None)
+            for embedder in family.embedders:
+                module = getattr(dm, embedder, None)
                 if module is not None:
-                    self.copies[name] = _frozen_float_copy(module)
-        self.lora = _pairs(base, trainable)
-        self.second = _pairs(second, trainable)
-        self._model_sampling = None
+                    self.copies[embedder] = _lora_copy(module, embedder, second, trainable)
+        unused = sorted(set(second) - {p for p, _ in self.second_pairs()})
+        if unused:
+            raise FMTTInputError(f"FMTT: '{name}' has second-embedder layers this {family.name} model lacks "
+                                 f"({', '.join(unused[:3])}): it was trained on another model.")
+        tensors = {f"diffusion_model.{path}.lora_{side}.weight": t
+                   for path, (down, up) in _items(self.lora) for side, t in (("down", down), ("up", up))}
+        # SideLoRA holds these very Parameters (no copy): it applies what the optimiser updates.
+        self.side = SideLoRA.build(model, tensors, 1.0, name) if tensors else None
+        _set_model_sampling(self, None)
 
     @classmethod
-    def fresh(cls, base_model, rank: int, generator: torch.Generator) -> TwoTimeAdapter:
+    def fresh(cls, model, rank: int, generator: torch.Generator, name: str) -> TwoTimeAdapter:
         """Random down (1 / sqrt(in)), zero up: at the start the LoRA adds nothing and the copy equals the original."""
-        family = family_of(base_model)
-        dm = base_model.diffusion_model
-        layers = {}
-        for path, module in dm.named_modules():
-            if family.targets.search(path) and isinstance(module, torch.nn.Linear):
-                layers[path] = module.weight.shape
+        family = family_of(model.model)
+        dm = model.model.diffusion_model
+        layers = {p: m.weight.shape for p, m in dm.named_modules()
+                  if family.targets.search(p) and isinstance(m, torch.nn.Linear)}
         if not layers:
             raise FMTTInputError(f"FMTT: no layers of this {family.name} model match the flow-map LoRA's targets; "
                                  "the model's layout is not the one this pack knows.")
-        adapter = cls(family, base_model, {}, {}, trainable=True)
-        second = {f"{name}.{sub}": m.weight.shape for name, c in adapter.copies.items()
-                  for sub, m in c.named_modules() if isinstance(m, torch.nn.Linear)}
+        second = {f"{e}.{sub}": m.weight.shape for e in family.embedders if getattr(dm, e, None) is not None
+                  for sub, m in getattr(dm, e).named_modules() if isinstance(m, torch.nn.Linear)}
         with torch.inference_mode(False):
             def init(shapes):
                 return {p: (torch.randn(rank, s[1], generator=generator) / s[1] ** 0.5, torch.zeros(s[0], rank))
                         for p, s in shapes.items()}
-            adapter.lora, adapter.second = _pairs(init(layers), True), _pairs(init(second), True)
-        return adapter
+            return cls(family, model, init(layers), init(second), trainable=True, name=name)
+
+    def second_pairs(self) -> list:
+        return [(f"{e}.{sub}", (m.down, m.up)) for e, c in self.copies.items()
+                for sub, m in c.named_modules() if isinstance(m, LoRALinear) and m.down.shape[0] > 0]
 
     def tensors(self) -> tuple[dict, dict]:
         """({path: (down, up)} on the model, {embedder.path: (down, up)} on the copy), detached."""
         return ({p: (d.detach(), u.detach()) for p, (d, u) in _items(self.lora)},
-                {p: (d.detach(), u.detach()) for p, (d, u) in _items(self.second)})
-
-    def check_fits(self, base_model, what: str) -> None:
-        dm = base_model.diffusion_model
-        modules = dict(dm.named_modules())
-        wrong = []
-        for path, (down, up) in _items(self.lora):
-            m = modules.get(path)
-            if not isinstance(m, torch.nn.Linear) or tuple(m.weight.shape) != (up.shape[0], down.shape[1]):
-                wrong.append(path)
-        for path, (down, up) in _items(self.second):
-            name, _, sub = path.partition(".")
-            m = dict(self.copies[name].named_modules()).get(sub) if name in self.copies else None
-            if not isinstance(m, torch.nn.Linear) or tuple(m.weight.shape) != (up.shape[0], down.shape[1]):
-                wrong.append("second." + path)
-        if wrong:
-            raise FMTTInputError(f"FMTT: {what} does not fit this {self.family.name} model ({len(wrong)} layers, e.g. "
-                                 f"{', '.join(wrong[:3])}): it was trained on another model. Use the model it was "
-                                 "trained on, or train a flow map for this one.")
+                {p: (d.detach(), u.detach()) for p, (d, u) in self.second_pairs()})
 
     # ---------------------------------------------------------------- on the loaded model
 
     @contextlib.contextmanager
     def installed(self, base_model, device=None):
-        """Forward hooks on the loaded model's modules (acting only inside `active`), removed on exit."""
+        """The LoRA (side_lora) and the dual-embedder hooks on the loaded model, acting only inside `active`.
+        For training, install per step: side_lora casts the matrices to the model's device and dtype on entry."""
         dm = base_model.diffusion_model
         device = device if device is not None else next(dm.parameters()).device
-        self.to(device)
+        self.copies.to(device)
         _set_model_sampling(self, base_model.model_sampling)
-        handles = []
-        modules = dict(dm.named_modules())
-        for path, (down, up) in _items(self.lora):
-            handles.append(modules[path].register_forward_hook(_lora_hook(down, up, only_active=True)))
-        for path, (down, up) in _items(self.second):
-            name, _, sub = path.partition(".")
-            handles.append(self.copies[name].get_submodule(sub).register_forward_hook(
-                _lora_hook(down, up, only_active=False)))
-        for name, second in self.copies.items():
-            handles.append(getattr(dm, name).register_forward_hook(
-                _dual_hook(second, self.family.second_input if name == self.family.time_embedder else None),
-                with_kwargs=True))
+        handles = [getattr(dm, name).register_forward_hook(
+            _dual_hook(copy_, self.family.second_input if name == self.family.time_embedder else None),
+            with_kwargs=True) for name, copy_ in self.copies.items()]
         try:
-            yield self
+            with self.side.installed(base_model, device) if self.side is not None else contextlib.nullcontext():
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
@@ -192,7 +192,8 @@ class TwoTimeAdapter(torch.nn.Module):
             raise FMTTInputError("FMTT: internal error, the two-time adapter is not installed on the model.")
         token = _SECOND.set(model_timestep(self._model_sampling, sigma_next.detach().reshape(-1)))
         try:
-            yield
+            with self.side.active() if self.side is not None else contextlib.nullcontext():
+                yield
         finally:
             _SECOND.reset(token)
 
@@ -203,12 +204,21 @@ def _set_model_sampling(adapter: TwoTimeAdapter, model_sampling) -> None:
     object.__setattr__(adapter, "_model_sampling", model_sampling)
 
 
-def _frozen_float_copy(module: torch.nn.Module) -> torch.nn.Module:
+def _lora_copy(module: torch.nn.Module, name: str, second: dict, trainable: bool) -> torch.nn.Module:
+    """A copy of the embedder whose Linears carry the file's (or fresh) LoRA; without one a layer keeps W."""
     out = copy.deepcopy(module)
-    for m in out.modules():  # normal tensors (ComfyUI loads weights in inference mode), float32, frozen
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = torch.nn.Parameter(p.detach().clone().float(), requires_grad=False)
+    for sub, m in list(out.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            down, up = second.get(f"{name}.{sub}", (torch.zeros(0, m.in_features), torch.zeros(m.out_features, 0)))
+            if down.shape[1] != m.in_features or up.shape[0] != m.out_features or up.shape[1] != down.shape[0]:
+                raise FMTTInputError(f"FMTT: the second time embedder's LoRA on {name}.{sub} is {tuple(up.shape)} x "
+                                     f"{tuple(down.shape)}, the layer {m.out_features} x {m.in_features}: the flow map "
+                                     "was trained on another model. Use the model it was trained on.")
+            parent, _, attr = sub.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, attr, LoRALinear(m, down, up, trainable))
+    for p in out.parameters():
+        if not isinstance(p, torch.nn.Parameter) or p.is_inference():
+            raise FMTTInputError("FMTT: internal error, an inference tensor left in the second time embedder.")
     return out
 
 
@@ -234,16 +244,6 @@ def _rows(values: torch.Tensor, n: int) -> torch.Tensor:
         raise FMTTInputError(f"FMTT: internal error, the model batch ({n}) is not a multiple of the two-time batch "
                              f"({values.shape[0]}).")
     return values.repeat(n // values.shape[0])
-
-
-def _lora_hook(down, up, only_active: bool):
-    def hook(module, args, out):
-        if only_active and _SECOND.get() is None:
-            return out
-        x = args[0]
-        return out + F.linear(F.linear(x.to(down.dtype), down), up).to(out.dtype)
-
-    return hook
 
 
 def _dual_hook(second: torch.nn.Module, second_input):

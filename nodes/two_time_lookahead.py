@@ -63,6 +63,5 @@ def load_lookahead(model, path: str, jumps: int, checkpoint: bool):
                              f"{meta.get('base_model_hash')}, this model {model_fingerprint(model.model)}): its look-"
                              "ahead would not be this model's flow map. Connect the model it was trained on, or train "
                              "one for this model with FMTT Train Flow Map.")
-    adapter = TwoTimeAdapter(family, model.model, base, second, trainable=False)
-    adapter.check_fits(model.model, f"'{name}'")
+    adapter = TwoTimeAdapter(family, model, base, second, trainable=False, name=name)
     return TwoTimeLookahead(adapter, name, jumps, checkpoint)

@@ -38,9 +38,9 @@ def fresh_seed():
 
 def train_node(name, family="sd15", steps=30, latents=None, **overrides):
     inputs = {"model": ["model_out", 0], "positive": ["positive", 0], "name": name, "steps": steps, "rank": 4,
-              "learning_rate": 3e-3, "batch_size": 4, "objective": "lsd", "seed": 0, "cfg": 1.0,
+              "learning_rate": 3e-3, "batch_size": 2, "objective": "lsd", "seed": 0, "cfg": 1.0,
               "save_every": 0, "preview_every": 0, "resume": False, "width": 64, "height": 64,
-              "data_free_samples": 8, "block_checkpointing": True, **overrides}
+              "data_free_samples": 4, "block_checkpointing": True, **overrides}
     if latents is not None:
         inputs["latents"] = latents
     return {"class_type": "FMTTTrainFlowMap", "inputs": inputs}
@@ -78,7 +78,8 @@ def test_training_lowers_the_loss_and_the_lookahead_error(families, family):  # 
     report = report_of(ok(entry))
     losses = report["losses"]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    # the objective on one fixed held-out batch (the per-step loss is heavy-tailed in the time pair)
+    assert report["eval_loss"][f"step {steps}"] < 0.9 * report["eval_loss"]["step 0"], report["eval_loss"]
     before, after = errors_at(report, 0), errors_at(report, steps)
     # the trained map's 1-jump end point is closer to the teacher's 64-step ODE end point (held-out noise) than the
     # untrained map's and the denoiser look-ahead's
