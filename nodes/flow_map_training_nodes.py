@@ -40,14 +40,18 @@ class TrainFlowMapNode(io.ComfyNode):
                                                           "image (Make Training Dataset's conditioning)."),
                 io.String.Input("name", default="flow_map", tooltip="File name in models/fmtt_flow_maps/ and the "
                                                                      "run's state folder."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000,
+                             tooltip="Optimiser steps of the whole run (a resumed run may raise it)."),
                 io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-7),
-                io.Int.Input("batch_size", default=1, min=1, max=1024),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-7,
+                               tooltip="AdamW learning rate (FMRG: 1e-4 at rank 64, 3e-4 at 256 px)."),
+                io.Int.Input("batch_size", default=1, min=1, max=1024,
+                             tooltip="Samples per step, each with its own time pair (s, t)."),
                 io.Combo.Input("objective", options=["lsd", "psd"], default="lsd",
                                tooltip="lsd: Lagrangian self-distillation (FMRG's; finite-difference d/dt). psd: "
                                        "progressive (X_{s,t} = X_{m,t}(X_{s,m})), no derivative."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seeds the LoRA init, the data, noise and time draws (a run is reproducible)."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1,
                                tooltip="The guidance the map is distilled at; sample FMTT with the same cfg."),
                 io.Int.Input("save_every", default=100, min=0, max=1_000_000,
@@ -59,7 +63,8 @@ class TrainFlowMapNode(io.ComfyNode):
                                                                   "step and random state included)."),
                 io.Int.Input("width", default=512, min=16, max=4096, step=8,
                              tooltip="Data-free only: image width of the samples the model makes."),
-                io.Int.Input("height", default=512, min=16, max=4096, step=8),
+                io.Int.Input("height", default=512, min=16, max=4096, step=8,
+                             tooltip="Data-free only: image height of the samples the model makes."),
                 io.Int.Input("data_free_samples", default=64, min=1, max=100_000,
                              tooltip="Data-free only: how many samples the model makes to train on."),
                 io.Boolean.Input("block_checkpointing", default=True,
@@ -69,7 +74,7 @@ class TrainFlowMapNode(io.ComfyNode):
                                                                   "Encode); none: data-free from the prompt."),
             ],
             outputs=[io.String.Output(display_name="flow_map", tooltip="The file's name in models/fmtt_flow_maps/."),
-                     io.Image.Output(display_name="loss_plot"),
+                     io.Image.Output(display_name="loss_plot", tooltip="The per-step loss (log scale)."),
                      io.String.Output(display_name="report", tooltip="JSON: losses and look-ahead errors.")])
 
     @classmethod
@@ -128,10 +133,12 @@ class TrainedFlowMapLookaheadNode(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The model the map was trained on, as the sampler gets it."),
                     io.Combo.Input("flow_map", options=flow_map_files(),
                                    tooltip="A file FMTT Train Flow Map wrote to models/fmtt_flow_maps/."),
-                    io.Int.Input("jumps", default=1, min=1, max=16),
+                    io.Int.Input("jumps", default=1, min=1, max=16,
+                                 tooltip="Jumps from t to 1: 1 model call each (1: the one-step look-ahead)."),
                     io.Boolean.Input("checkpoint", default=False,
                                      tooltip="Recompute each jump in the backward pass (memory one jump deep).")],
-            outputs=[Lookahead.Output(display_name="lookahead")])
+            outputs=[Lookahead.Output(display_name="lookahead", tooltip="Connect to an FMTT sampler or to FMTT "
+                                                                          "Flow-Map Sampler.")])
 
     @classmethod
     def execute(cls, model, flow_map, jumps, checkpoint) -> io.NodeOutput:
