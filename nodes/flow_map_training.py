@@ -41,6 +41,7 @@ from .clocks import clock_of, family_of, guided_parts
 from .two_time import TwoTimeAdapter, model_fingerprint
 
 PREVIEW_JUMPS = (1, 2, 4)
+EVAL_BATCH = 16  # samples (time pairs) of the fixed held-out batch the objective is tracked on
 MODEL_FILE = "model.json"  # beside the resumable state: which model the run trains
 T_MARGIN = 1e-4  # the model is never called at t = 1 exactly, where (D - x) / (1 - t) is 0 / 0
 
@@ -265,8 +266,8 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first:
     # the per-step loss is too noisy (heavy-tailed in the time pair) to show the trend over a short run.
-    eval_batch = FlowMapTrainer(adapter, guided.teacher, draw,
-                                dataclasses.replace(run.settings, seed=run.settings.seed + 15485863)).draw_batch()
+    eval_batch = FlowMapTrainer(adapter, guided.teacher, draw, dataclasses.replace(
+        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH)).draw_batch()
     eval_rows = guided.rows
 
     def install():
