@@ -117,7 +117,9 @@ def test_a_dataset_folder_trains_and_an_empty_one_is_refused(families):  # noqa:
     assert len(report["losses"]) == 4
     entry = families.run(prompt("fm_nodata", "fm_empty"))
     assert entry["status"]["status_str"] == "error", entry["status"]
-    assert "no images" in error_message(entry), error_message(entry)
+    # ComfyUI's folder loader refuses an empty folder itself; an empty LATENT list reaching the trainer would be
+    # refused by it with "the dataset holds no images"
+    assert "No valid images found" in error_message(entry), error_message(entry)
     ok(families.run(ksampler_prompt("sd15", fresh_seed())))  # the server keeps serving
 
 
@@ -151,7 +153,6 @@ def _saved_step(path: Path) -> int:
 
 @pytest.mark.parametrize("case, expected", [
     ("resume_other_model", "trained on another model"),
-    ("unsupported_family", "not available for"),
     ("too_big", "Lower batch_size"),
 ])
 def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expected):  # noqa: F811
@@ -161,13 +162,6 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expec
         p["loader"]["inputs"]["ckpt_name"] = "tiny_sdxl.safetensors"  # another model under the same run name
         p["positive"]["inputs"]["context_dim"] = 2048
         p["positive"]["inputs"]["pooled_dim"] = 1280
-    elif case == "unsupported_family":
-        p = training_prompt("fm_bad", steps=2)
-        p["loader"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_schnell.safetensors",
-                                                              "weight_dtype": "default"}}
-        p["pixel"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["loader", 0], "sampling": "eps",
-                                                                        "zsnr": False}}
-        p["train"]["inputs"]["model"] = ["pixel", 0]
     else:
         p = training_prompt("fm_huge", steps=2, width=4096, height=4096, batch_size=1024)
     entry = families.run(p, timeout=600)
