@@ -172,12 +172,88 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dist-timeout", type=_positive(float), default=120.0,
                       help="under torchrun: seconds a collective waits for the other processes before the run "
                            "stops with an error (default 120)")
+    add_distill_parser(sub)
     return parser
+
+
+def add_distill_parser(sub) -> None:
+    from .distill import DEFAULT_OUT, DIGITS_DEFAULTS
+    from .distill import __doc__ as distill_doc
+
+    d = DIGITS_DEFAULTS
+    p = sub.add_parser("distill", help="distil the digits velocity model into a two-time flow map (CPU)",
+                       description=distill_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"new output folder (default {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (state.safetensors)")
+    p.add_argument("--weights", type=Path, default=None, help="folder with the teacher (default: the bundled one)")
+    p.add_argument("--objective", choices=("lsd", "psd"), default=d["objective"],
+                   help="lsd: Lagrangian self-distillation with a finite-difference d/dt (default); psd: "
+                        "progressive self-distillation plus the diagonal velocity match")
+    p.add_argument("--steps", type=_positive(int), default=d["steps"], help=f"total steps (default {d['steps']})")
+    p.add_argument("--batch", type=_positive(int), default=d["batch"],
+                   help=f"global batch, split over torchrun processes (default {d['batch']})")
+    p.add_argument("--lr", type=_positive(float), default=d["lr"], help=f"AdamW learning rate (default {d['lr']})")
+    p.add_argument("--ema-decay", type=float, default=d["ema_decay"],
+                   help=f"EMA of the weights that is saved (default {d['ema_decay']}; 0 = off)")
+    p.add_argument("--derivative-warmup", type=int, default=d["derivative_warmup_steps"],
+                   help=f"steps over which the d/dt term ramps in (default {d['derivative_warmup_steps']})")
+    p.add_argument("--fd-step", type=_positive(float), default=d["fd_step"],
+                   help=f"finite-difference step of d/dt (default {d['fd_step']})")
+    p.add_argument("--derivative-grad", action=argparse.BooleanOptionalAction, default=d["derivative_grad"],
+                   help="LSD: differentiate through the finite difference too, the residual's own gradient (default "
+                        "on); --no-derivative-grad: FMRG's detached d/dt (fewer backward passes, diverged here)")
+    p.add_argument("--min-gap", type=float, default=d["min_gap"], help="minimum |t - s| of a time pair")
+    p.add_argument("--both-directions", action="store_true",
+                   help="train s > t pairs too (FMRG's draw); default: s <= t, the jumps FMTT makes")
+    p.add_argument("--norm", choices=("l1", "l2"), default=d["norm"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--save-every", type=int, default=d["save_every"],
+                   help=f"steps between resumable saves (default {d['save_every']})")
+    p.add_argument("--log-every", type=_positive(int), default=d["log_every"])
+    p.add_argument("--eval-trajectories", type=_positive(int), default=1024,
+                   help="held-out teacher trajectories for the final look-ahead errors (default 1024)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--dist-timeout", type=_positive(float), default=120.0,
+                   help="under torchrun: seconds a collective waits for the other processes (default 120)")
+
+
+def run_distill(parser, args) -> int:
+    from fmtt_core.distributed import init_from_env
+    from fmtt_core.flow_maps import DistillSettings
+
+    from .distill import DIGITS_DEFAULTS, distill_digits, summary_table
+
+    torch.set_num_threads(args.threads)
+    settings = DistillSettings(**{
+        **DIGITS_DEFAULTS, "objective": args.objective, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "ema_decay": args.ema_decay, "derivative_warmup_steps": args.derivative_warmup, "fd_step": args.fd_step,
+        "derivative_grad": args.derivative_grad,
+        "min_gap": args.min_gap, "both_directions": args.both_directions, "norm": args.norm, "seed": args.seed,
+        "save_every": args.save_every, "log_every": args.log_every})
+    group = init_from_env(timeout_s=args.dist_timeout)
+    rank = group.rank() if group is not None else 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        metrics = distill_digits(args.out, settings=settings, weights=args.weights, resume=args.resume,
+                                 eval_trajectories=args.eval_trajectories, log=log)
+    except (ValueError, FileNotFoundError) as e:  # fmtt_core's FMTTInputError is a ValueError
+        parser.error(str(e))
+    if metrics is not None:
+        print(f"\nlook-ahead RMS to the teacher's fine ODE end point ({args.eval_trajectories} held-out "
+              "trajectories):\n" + summary_table(metrics))
+        print(f"\nwrote {args.out}/flow_map.safetensors, state.safetensors, metrics.json; run FMTT with it: "
+              f"fmtt demo --weights {args.out}")
+    if group is not None:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "distill":
+        return run_distill(parser, args)
     if args.command == "demo":
         missing = missing_demo_packages()
         if missing:

@@ -53,14 +53,16 @@ def _inputs(n=16, seed=0, dim=D):
 
 # ------------------------------------------------------------------ references, one row at a time
 
-def reference_lsd(student, teacher, x, s, t, h, w, p):
+def reference_lsd(student, teacher, x, s, t, h, w, p, derivative_grad=False):
     """FMRG's recipe per row: u = f(x_s; s, t), X = x_s + (t - s) u, du = (f(x_s; s, t + h) - f(x_s; s, t - h)) / 2h
-    detached, v = teacher(X, t) detached, residual u + w (t - s) du - v; mean |r|^p."""
+    detached (kept in the graph for the paper's full gradient), v = teacher(X, t) detached, residual
+    u + w (t - s) du - v; mean |r|^p."""
     terms = []
     for i in range(x.shape[0]):
         xi, si, ti = x[i:i + 1], s[i:i + 1], t[i:i + 1]
         u = student(xi, si, ti)
-        du = ((student(xi, si, ti + h) - student(xi, si, ti - h)) / (2 * h)).detach()
+        du = (student(xi, si, ti + h) - student(xi, si, ti - h)) / (2 * h)
+        du = du if derivative_grad else du.detach()
         big_x = xi + (ti - si) * u
         v = teacher(big_x.detach(), ti).detach()
         terms.append((u + w * (ti - si) * du - v).abs().pow(p))
@@ -100,6 +102,19 @@ def test_lsd_equals_reference_value_and_gradient(norm, p, w):
     assert torch.allclose(g, g_ref, rtol=1e-8, atol=1e-12)
     assert stats["derivative_weight"] == w and math.isclose(stats["loss"], float(ref.detach()), rel_tol=1e-10)
     assert not any(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("norm,p", [("l1", 1), ("l2", 2)])
+def test_lsd_with_the_derivative_in_the_graph_equals_reference(norm, p):
+    student, teacher = TinyStudent(), TinyTeacher()
+    x, s, t = _inputs()
+    loss, _ = lsd_loss(student, teacher, x, s, t, norm=norm, derivative_grad=True)
+    ref = reference_lsd(student, teacher, x, s, t, 5e-3, 1.0, p, derivative_grad=True)
+    detached = reference_lsd(student, teacher, x, s, t, 5e-3, 1.0, p)
+    g, g_ref, g_detached = _grads(student, loss), _grads(student, ref), _grads(student, detached)
+    assert torch.allclose(loss, ref, rtol=1e-10)
+    assert torch.allclose(g, g_ref, rtol=1e-7, atol=1e-12)
+    assert not torch.allclose(g, g_detached, rtol=1e-3)  # the two recipes descend differently
 
 
 def test_lsd_without_derivative_is_the_average_velocity_residual():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from fmtt_core import FMTTInputError
+from fmtt_core import FMTTInputError, FMTTNumericalError
 from fmtt_core.flow_maps import FlowMapTrainer, flow_map_from_student
 from fmtt_testing.dist_tools import launch, results_of
 from fmtt_testing.distill_toy import Student, data, exact_map, settings, teacher
@@ -93,6 +93,8 @@ def test_resume_refuses_another_model_other_settings_and_other_files(tmp_path):
         FlowMapTrainer(Student(width=32), teacher, data, settings()).resume(tmp_path)
     with pytest.raises(FMTTInputError, match=r"other settings \(lr=0.003\)"):
         FlowMapTrainer(Student(), teacher, data, settings(lr=1e-3)).resume(tmp_path)
+    with pytest.raises(FMTTInputError, match="saved while distilling"):
+        FlowMapTrainer(Student(), teacher, data, settings(), identity={"base_model": "abc"}).resume(tmp_path)
     longer = FlowMapTrainer(Student(), teacher, data, settings(steps=4))  # more steps: allowed
     longer.resume(tmp_path)
     assert longer.run() and longer.step == 4
@@ -112,6 +114,15 @@ def test_log_records_and_previews():
     assert [r["step"] for r in records] == [2, 4, 6] and previews == [3, 6]
     assert records[0]["loss"] == pytest.approx(sum(trainer.losses[:2]) / 2)
     assert records[0]["derivative_weight"] == pytest.approx((0 + 0.25) / 2)  # the warmup over 4 steps
+
+
+def test_a_diverging_run_stops_before_the_step_with_the_weights_intact(tmp_path):
+    module = Student()
+    trainer = FlowMapTrainer(module, lambda x, t: x * float("nan"), data, settings(steps=3))
+    before = [p.clone() for p in module.parameters()]
+    with pytest.raises(FMTTNumericalError, match="lower lr"):
+        trainer.run()
+    assert trainer.step == 0 and all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
 def test_bad_settings_are_refused():

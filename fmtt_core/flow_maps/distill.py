@@ -12,6 +12,7 @@ LSD, Lagrangian self-distillation (Boffi, Albergo, Vanden-Eijnden, arXiv 2505.18
     d/dt X_{s,t} = u + (t - s) d/dt u,   residual  r = u + w (t - s) sg(d/dt u) - sg(b_t(X_{s,t}(x_s)))
 with d/dt u by a central finite difference (two gradient-free student calls) and w the derivative weight
 (ramped from 0 to 1 by `derivative_warmup`). Four forwards (one with gradients) and one backward per step.
+`derivative_grad=True` keeps the finite difference in the graph: the gradient of the residual itself.
 
 PSD, progressive self-distillation (same paper), derivative-free: the semigroup property
     X_{s,t}(x) = X_{m,t}(X_{s,m}(x))   for m between s and t,
@@ -106,24 +107,32 @@ def _check(x: torch.Tensor, out: torch.Tensor, who: str) -> torch.Tensor:
 
 
 def time_derivative(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                    fd_step: float) -> torch.Tensor:
-    """d/dt u(x_s, s, t) by a central finite difference, without gradients; one-sided where t +- fd_step leaves
-    [0, 1] (the difference is taken over the clipped interval, so it stays a first-order estimate there)."""
+                    fd_step: float, *, grad: bool = False) -> torch.Tensor:
+    """d/dt u(x_s, s, t) by a central finite difference; one-sided where t +- fd_step leaves [0, 1] (the
+    difference is taken over the clipped interval, so it stays a first-order estimate there). Without
+    gradients unless `grad`."""
     if not 0.0 < fd_step < 0.5:
         raise FMTTInputError(f"fd_step must be in (0, 0.5), got {fd_step}; FMRG uses 5e-3.")
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         t_hi, t_lo = (t + fd_step).clamp(max=1.0), (t - fd_step).clamp(min=0.0)
         return (student(x_s, s, t_hi) - student(x_s, s, t_lo)) / _bcast(t_hi - t_lo, x_s)
 
 
 def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
-             fd_step: float = 5e-3, derivative_weight: float = 1.0, norm: str = "l1") -> tuple[torch.Tensor, dict]:
+             fd_step: float = 5e-3, derivative_weight: float = 1.0, norm: str = "l1",
+             derivative_grad: bool = False) -> tuple[torch.Tensor, dict]:
     """LSD: mean norm of u + w (t - s) sg(d/dt u) - sg(b_t(X_{s,t}(x_s))), the Lagrangian residual of the map.
 
-    Returns (loss with gradients through u only, stats of floats)."""
+    derivative_grad=False (FMRG's recipe): gradients through u only; the d/dt term is a fixed target.
+    derivative_grad=True: gradients through the finite difference too, i.e. the gradient of the paper's least-squares
+    residual |d/dt X - b(X)| itself (two more forwards kept for the backward pass). The stop-gradient form is a
+    fixed-point iteration u <- b - (t - s) d/dt u, which can amplify components of u that vary fast in t (a
+    network with high-frequency time features); the full gradient descends the residual and does not.
+
+    Returns (loss, stats of floats)."""
     s, t = _times(s, x_s), _times(t, x_s)
     u = _check(x_s, student(x_s, s, t), "student")
-    du_dt = time_derivative(student, x_s, s, t, fd_step)
+    du_dt = time_derivative(student, x_s, s, t, fd_step, grad=derivative_grad)
     gap = _bcast(t - s, x_s)
     with torch.no_grad():
         x_t = x_s + gap * u.detach()
@@ -131,7 +140,7 @@ def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Ten
     residual = u + derivative_weight * gap * du_dt - b
     loss = _reduce(residual, norm)
     stats = {"loss": float(loss.detach()), "residual_rms": float(residual.detach().pow(2).mean().sqrt()),
-             "du_dt_rms": float(du_dt.pow(2).mean().sqrt()), "derivative_weight": float(derivative_weight)}
+             "du_dt_rms": float(du_dt.detach().pow(2).mean().sqrt()), "derivative_weight": float(derivative_weight)}
     return loss, stats
 
 

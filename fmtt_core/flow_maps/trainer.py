@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..errors import FMTTInputError
+from ..errors import FMTTInputError, FMTTNumericalError
 from .distill import derivative_warmup, diagonal_loss, lsd_loss, psd_loss, sample_time_pairs
 
 STATE_FORMAT = "fmtt flow-map trainer state v1"
@@ -55,6 +55,7 @@ class DistillSettings:
     shift: float = 1.0
     both_directions: bool = True
     fd_step: float = 5e-3
+    derivative_grad: bool = False     # LSD: gradients through the finite difference too (see lsd_loss)
     derivative_warmup_steps: int = 0
     norm: str = "l1"
     seed: int = 0
@@ -86,11 +87,13 @@ class FlowMapTrainer:
     out_dir   where `state.safetensors` is saved (every `save_every` steps, on stop and at the end)
     on_log    called with a record {step, loss, lr, derivative_weight, seconds_per_step, ...} every `log_every`
     on_preview called with the trainer every `preview_every` steps (rank 0 only)
+    identity  strings that name what is distilled (e.g. {"base_model": sha256, "family": "sdxl"}): saved with the
+              state, and a resume from a state with other values is refused
     """
 
     def __init__(self, module: nn.Module, teacher, data: DataSource, settings: DistillSettings, *, student=None,
                  optimizer: torch.optim.Optimizer | None = None, out_dir: str | os.PathLike | None = None,
-                 on_log=None, on_preview=None, group=None):
+                 on_log=None, on_preview=None, group=None, identity: dict[str, str] | None = None):
         self.settings = settings.check()
         self.module, self.teacher, self.data = module, teacher, data
         self.student = student if student is not None else module
@@ -103,6 +106,7 @@ class FlowMapTrainer:
         self.ema = copy.deepcopy(module).requires_grad_(False) if settings.ema_decay > 0 else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.on_log, self.on_preview = on_log, on_preview
+        self.identity = dict(identity or {})
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.step = 0
         self.losses: list[float] = []
@@ -161,6 +165,7 @@ class FlowMapTrainer:
         x_s, s, t = (self._rows(batch[k]) for k in ("x_s", "s", "t"))
         if st.objective == "lsd":
             return lsd_loss(self.student, self.teacher, x_s, s, t, fd_step=st.fd_step, norm=st.norm,
+                            derivative_grad=st.derivative_grad,
                             derivative_weight=derivative_warmup(self.step, st.derivative_warmup_steps))
         diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm)
         psd, stats = psd_loss(self.student, x_s, s, t, generator=self.generator, norm=st.norm,
@@ -179,6 +184,11 @@ class FlowMapTrainer:
                 p.grad = torch.zeros_like(p)
         global_loss = loss.detach().clone().reshape(1)
         self._average_over_ranks([p.grad for p in self.params] + [global_loss])
+        stats["loss"] = float(global_loss)  # the mean over the global batch, the same on every rank
+        if not math.isfinite(stats["loss"]):  # checked before the step, so the weights and the last save stay usable
+            raise FMTTNumericalError(f"the distillation loss became {stats['loss']} at step {self.step + 1}; lower lr "
+                                     f"(now {self.settings.lr}) or fd_step, or check the teacher's output. The last "
+                                     "saved state is intact: resume from it with the changed setting in a new run.")
         if self.settings.grad_clip > 0:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip))
         self.optimizer.step()
@@ -187,10 +197,6 @@ class FlowMapTrainer:
                 for pe, p in zip(self.ema.parameters(), self.module.parameters()):
                     pe.lerp_(p, 1 - self.settings.ema_decay)
         self.step += 1
-        stats["loss"] = float(global_loss)  # the mean over the global batch, the same on every rank
-        if not math.isfinite(stats["loss"]):
-            raise FMTTInputError(f"the distillation loss became {stats['loss']} at step {self.step}; lower lr "
-                                 f"(now {self.settings.lr}) or the fd_step, or check the teacher's output.")
         self.losses.append(stats["loss"])
         return stats
 
@@ -253,7 +259,7 @@ class FlowMapTrainer:
         tensors["rng.torch"] = torch.get_rng_state()
         header = {"format": STATE_FORMAT, "step": self.step, "settings": dataclasses.asdict(self.settings),
                   "param_groups": opt["param_groups"], "optimizer_scalars": opt_scalars,
-                  "model": self._fingerprint(), "losses": self.losses}
+                  "model": self._fingerprint(), "identity": self.identity, "losses": self.losses}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
@@ -281,6 +287,9 @@ class FlowMapTrainer:
         if header["model"] != self._fingerprint():
             raise FMTTInputError(f"{path} was saved from another model (its parameter names / shapes differ from "
                                  "this student's); resume with the same student architecture, or start afresh.")
+        if header.get("identity", {}) != self.identity:
+            raise FMTTInputError(f"{path} was saved while distilling {header.get('identity')}, not {self.identity}; "
+                                 "resume with the same model, or start a new run.")
         saved = header["settings"]
         changed = [k for k, v in dataclasses.asdict(self.settings).items()
                    if k not in RESUMABLE_CHANGES and saved.get(k) != v]
