@@ -42,7 +42,6 @@ from .two_time import TwoTimeAdapter, model_fingerprint
 
 PREVIEW_JUMPS = (1, 2, 4)
 EVAL_BATCH = 16  # samples (time pairs) of the fixed held-out batch the objective is tracked on
-MODEL_FILE = "model.json"  # beside the resumable state: which model the run trains
 T_MARGIN = 1e-4  # the model is never called at t = 1 exactly, where (D - x) / (1 - t) is 0 / 0
 
 
@@ -285,16 +284,15 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     def write(trainer):
         run.writer(adapter, base, {**metadata, "steps": trainer.step}, run.lora_path)
-        with open(os.path.join(run.state_dir, MODEL_FILE), "w") as f:
-            json.dump({"base_model_hash": fingerprint, "family": adapter.family.name}, f)
         report.saved.append(trainer.step)
 
     trainer = _NodeTrainer(adapter, guided.teacher, draw, run.settings, student=guided.student(adapter),
                            out_dir=run.state_dir, on_preview=record_errors,
-                           on_log=lambda rec: pbar.update_absolute(rec["step"], run.settings.steps))
+                           on_log=lambda rec: pbar.update_absolute(rec["step"], run.settings.steps),
+                           identity={"base_model_hash": fingerprint, "family": adapter.family.name})
     trainer.on_save, trainer.install = write, install
     if run.resume_from:
-        _resume(trainer, run.resume_from, fingerprint)
+        trainer.resume(run.resume_from)  # refused when saved from another model (shapes, or the identity below)
     else:
         record_errors(trainer)  # the untrained map and the denoiser, before any step
     try:
@@ -321,18 +319,6 @@ def held_out_objective(trainer: FlowMapTrainer, guided: GuidedModel, batch: dict
             values.append(float(trainer.loss({k: v[i:i + 1] for k, v in batch.items()})[0]))
     guided.rows = saved
     return float(torch.tensor(values).median())
-
-
-def _resume(trainer: FlowMapTrainer, path: str, fingerprint: str) -> None:
-    meta_path = os.path.join(os.path.dirname(path), MODEL_FILE)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            saved = json.load(f).get("base_model_hash")
-        if saved != fingerprint:
-            raise FMTTInputError(f"FMTT Train Flow Map: the saved run '{os.path.dirname(path)}' was trained on "
-                                 f"another model (fingerprint {saved}, this model {fingerprint}). Connect the model "
-                                 "it was trained on, or turn resume off (or change the name) to start afresh.")
-    trainer.resume(path)
 
 
 def _write_report(run: Run, report: Report) -> None:
