@@ -27,7 +27,8 @@ PACK_NODES = ["FMTTSampler", "FMTTKSampler", "FMTTDiagnostics", "FMTTBaseModelLo
               "FMTTFlowMapLookahead", "FMTTFluxFlowMapLookahead", "FMTTFlowMapSampler", "FMTTCLIPScoreReward",
               "FMTTPickScoreReward", "FMTTHPSv2Reward",
               "FMTTAestheticReward", "FMTTImageReward", "FMTTVLMQuestionReward", "FMTTMaskReward",
-              "FMTTSymmetryReward", "FMTTCombineRewards", "FMTTFewStepLoRALookahead"]
+              "FMTTSymmetryReward", "FMTTCombineRewards", "FMTTFewStepLoRALookahead", "FMTTTrainFlowMap",
+              "FMTTTrainedFlowMapLookahead"]
 _seeds = iter(range(1000, 10**6))
 
 

@@ -322,6 +322,18 @@ def family_substitutes(prompt: dict) -> dict:
             inp["steps"] = 3
         elif kind == "RandomNoise":
             inp["noise_seed"] = fresh_seed()
+        elif kind == "LoadImageTextDataSetFromFolder":  # captions need a text encoder: the images alone
+            prompt[key] = {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "tiny_dataset"}}
+        elif kind == "MakeTrainingDataset":  # latents by the VAE, one random conditioning for all images
+            prompt[key] = {"class_type": "VAEEncode", "inputs": {"pixels": inp["images"], "vae": inp["vae"]}}
+            prompt[key + "_cond"] = {"class_type": "FMTTTestSDConditioning", "inputs": {
+                "seed": 3, "tokens": 4, "context_dim": f["context_dim"], "pooled_dim": f["pooled_dim"]}}
+            for other in prompt.values():
+                for name, value in other["inputs"].items():
+                    if value == [key, 1]:
+                        other["inputs"][name] = [key + "_cond", 0]
+        elif kind == "FMTTTrainFlowMap":
+            inp.update(steps=2, width=8 * SIZE, height=8 * SIZE, data_free_samples=2, save_every=0, preview_every=0)
     return prompt
 
 

@@ -17,6 +17,7 @@ Writes, under BASE_DIR/models:
   diffusion_models/tiny_sd35.safetensors     an SD3.5-style MMDiT (RMS q/k norm), for UNETLoader
   loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" LoRA)
   diffusion_models/tiny_sdxl_lightning_unet.safetensors  the SDXL UNet with that LoRA merged (a Lightning UNet)
+and BASE_DIR/input/tiny_dataset/: three 64x64 images (the flow-map training workflow's dataset folder).
 """
 from __future__ import annotations
 
@@ -128,6 +129,17 @@ def main(comfy_path: str, base: str):
     save_file(half(merged(sdxl.state_dict(), lightning)),
               models / "diffusion_models" / "tiny_sdxl_lightning_unet.safetensors")
     save_file(mmdit(14).state_dict(), models / "diffusion_models" / "tiny_sd35.safetensors")
+    dataset(Path(base) / "input" / "tiny_dataset")
+
+
+def dataset(folder: Path, n: int = 3):
+    """A folder of 64x64 images: the image dataset of the flow-map training workflow."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"image_{i}.png")
 
 
 if __name__ == "__main__":

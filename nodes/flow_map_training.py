@@ -1,0 +1,413 @@
+"""Distilling the loaded MODEL into a two-time flow map, inside ComfyUI's sampling machinery.
+
+The loss and the loop are fmtt_core's (flow_maps.distill, flow_maps.trainer: LSD / PSD, time pairs, exact resume);
+this module only supplies the student and the teacher as the loaded model seen through ComfyUI's guider:
+
+  teacher b_t(x)       = (D(x, t) - x) / (1 - t)                        the base model, two-time adapter off
+  student u(x, s, t)   = (D2(x; s, t) - x) / (1 - s)                    the same call with the adapter active
+  X_{s,t}(x)           = x + (t - s) u = one Euler step of sigma' - sigma in ComfyUI's sampling space
+
+D is ComfyUI's denoised output (cfg and conditioning applied by the guider), in the core clock (t = 0 noise, 1 data;
+nodes/clocks.py). The whole run happens inside one CFGGuider.sample call whose sampler function trains instead of
+sampling: ComfyUI loads the model and encodes the conditioning exactly as for sampling, once.
+
+Data: clean latents from ComfyUI's dataset nodes (one conditioning per latent, or one for all), or made by the
+model itself (data-free): a pool of the teacher's own samples, each `ode_steps` Euler steps from noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+import comfy.utils
+import torch
+
+from ..fmtt_core import FMTTInputError
+from ..fmtt_core.clock import velocity_from_denoiser
+from ..fmtt_core.flow_maps.distill import flow_map_from_student
+from ..fmtt_core.flow_maps.trainer import DistillSettings, FlowMapTrainer
+from ..fmtt_core.flow_maps.two_time_file import save_two_time_lora
+from ..fmtt_core.memory import FMTTMemoryError, mib
+from . import memory_guard
+from .autograd import differentiable
+from .clocks import clock_of, family_of, guided_parts
+from .two_time import TwoTimeAdapter, model_fingerprint
+
+PREVIEW_JUMPS = (1, 2, 4)
+EVAL_BATCH = 16  # samples (time pairs) of the fixed held-out batch the objective is tracked on
+T_MARGIN = 1e-4  # the model is never called at t = 1 exactly, where (D - x) / (1 - t) is 0 / 0
+
+
+@dataclass
+class TrainingData:
+    """Clean latents x1 in the model's sampling space (process_latent_in applied) and the conditioning of each."""
+
+    x1: torch.Tensor | None                 # [N, C, H, W]; None: data-free, made by the teacher
+    caption: torch.Tensor                   # [N] index into positives (data-free: [pool] zeros)
+    positives: list                         # CONDITIONINGs
+    negative: list
+    shape: tuple                            # one latent's [C, H, W]
+
+
+@dataclass
+class Report:
+    losses: list = field(default_factory=list)
+    lookahead_error: dict = field(default_factory=dict)   # {"step N": {"denoiser": e, "1 jump": e, ...}}
+    eval_loss: dict = field(default_factory=dict)         # {"step N": the objective on one fixed held-out batch}
+    saved: list = field(default_factory=list)
+    stopped_at: int | None = None
+
+
+def training_data(latents: list | None, positives: list, negative, width: int, height: int, channels: int,
+                  pool: int) -> TrainingData:
+    """From the node's inputs: dataset latents (each LATENT a batch) and their conditionings, or data-free."""
+    if negative is None:
+        negative = [[torch.zeros_like(c[0]), dict(c[1])] for c in positives[0]]
+    if latents is None:
+        if len(positives) != 1:
+            raise FMTTInputError("FMTT Train Flow Map: data-free training takes one conditioning (a prompt); connect "
+                                 "latents from a dataset to train on several captions.")
+        return TrainingData(None, torch.zeros(pool, dtype=torch.long), positives, negative,
+                            (channels, height // 8, width // 8))
+    samples = [lat["samples"] for lat in latents if lat is not None and lat.get("samples") is not None]
+    rows = [s for batch in samples for s in batch]
+    if not rows:
+        raise FMTTInputError("FMTT Train Flow Map: the dataset holds no images (0 latents). Point the image loader "
+                             "at a folder with images (.png / .jpg / .webp), or disconnect 'latents' to train "
+                             "data-free from the prompt.")
+    shapes = {tuple(r.shape) for r in rows}
+    if len(shapes) > 1:
+        raise FMTTInputError(f"FMTT Train Flow Map: the dataset's latents have {len(shapes)} sizes "
+                             f"({sorted(shapes)[:3]}); resize the images to one size (e.g. Resize Images by Shorter "
+                             "Edge + Crop Images) before encoding.")
+    if len(positives) not in (1, len(rows)):
+        raise FMTTInputError(f"FMTT Train Flow Map: {len(positives)} conditionings for {len(rows)} images; give one "
+                             "per image (a caption each) or a single one for all.")
+    caption = torch.arange(len(rows)) if len(positives) > 1 else torch.zeros(len(rows), dtype=torch.long)
+    if rows[0].shape[0] != channels:
+        raise FMTTInputError(f"FMTT Train Flow Map: the dataset's latents have {rows[0].shape[0]} channels, the "
+                             f"model's latent space {channels}; encode the images with this model's VAE.")
+    return TrainingData(torch.stack(rows).float(), caption, positives, negative, tuple(rows[0].shape))
+
+
+def check_memory(base_model, batch: int, shape: tuple, cfg: float, block_checkpointing: bool) -> None:
+    """Refuse a run whose step cannot fit: about 4 model calls' activations, one of them kept for the backward."""
+    one = [batch, *shape]
+    call = base_model.memory_required(one) * (2 if cfg != 1.0 else 1)
+    keeps = memory_guard.BACKWARD_KEEPS_BLOCKS if block_checkpointing else memory_guard.BACKWARD_KEEPS
+    need = call * keeps + call * 3
+    device = comfy.model_management.get_torch_device()
+    free = memory_guard.budget(device)
+    if need > free:
+        raise FMTTMemoryError(f"FMTT Train Flow Map: one training step needs about {mib(need)} (batch {batch} at "
+                              f"{shape[-1] * 8}x{shape[-2] * 8} px) but {mib(free)} is free. Lower batch_size (use "
+                              "accumulation for the same effective batch), lower the image size, or turn "
+                              "block_checkpointing on.")
+
+
+class GuidedModel:
+    """The loaded model as the core's denoiser D(x_lin, t), one conditioning per row (grouped into calls)."""
+
+    def __init__(self, model_fn, guider, base, data: TrainingData, noise: torch.Tensor, seed: int):
+        self.model_fn, self.guider, self.base = model_fn, guider, base
+        self.clock = clock_of(base.model_sampling, family_of(base))
+        ms = base.model_sampling
+        self.t_lo = float(self.clock.t(torch.tensor(float(ms.sigma_max))))
+        self.conds = [comfy.samplers.process_conds(
+            base, noise, {"positive": comfy.sampler_helpers.convert_cond(p),
+                          "negative": comfy.sampler_helpers.convert_cond(data.negative)},
+            noise.device, seed=seed) for p in data.positives]
+        self.rows = None  # the conditioning index of each row of the current batch
+
+    def model_t(self, t: torch.Tensor) -> torch.Tensor:
+        """Times the model is called at: inside its sigma range, never t = 1 (the velocity's 0 / 0)."""
+        return t.clamp(self.t_lo, 1 - T_MARGIN)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = self.model_t(t)
+        rows = self.rows if self.rows is not None and len(self.rows) == x.shape[0] else torch.zeros(
+            x.shape[0], dtype=torch.long)
+        out = torch.empty_like(x)
+        for k in rows.unique().tolist():
+            mask = rows == k
+            self.guider.conds = self.conds[k]
+            out[mask] = self.model_fn(self.clock.from_linear(x[mask], t[mask]), self.clock.sigma(t[mask]))
+        return out
+
+    def teacher(self, x, t):
+        return velocity_from_denoiser(x, self.denoise(x, t), self.model_t(t))
+
+    def student(self, adapter: TwoTimeAdapter):
+        def u(x, s, t):
+            with adapter.active(self.clock.sigma(self.model_t(t).clamp(max=1.0)).to(x)):
+                return velocity_from_denoiser(x, self.denoise(x, s), self.model_t(s))
+
+        return u
+
+    def ode(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """The teacher's Euler ODE from t_lo to 1 (the 'many-step result')."""
+        ts = torch.linspace(self.t_lo, 1.0, steps + 1)
+        with torch.no_grad():
+            for a, b in zip(ts[:-1], ts[1:]):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                x = x + (b - a) * self.teacher(x, a.expand(x.shape[0]))
+        return x
+
+
+def lookahead_errors(guided: GuidedModel, adapter, noise: torch.Tensor, target: torch.Tensor) -> dict:
+    """RMS of each look-ahead's end point to the teacher's ODE end point, from held-out noise at t_lo."""
+    t0 = torch.full((noise.shape[0],), guided.t_lo)
+    rms = lambda a: float((a - target).pow(2).mean().sqrt())  # noqa: E731
+    out = {}
+    with torch.no_grad():
+        out["denoiser"] = rms(guided.denoise(noise, t0))
+        jump = flow_map_from_student(guided.student(adapter))
+        for n in PREVIEW_JUMPS:
+            ts = torch.linspace(guided.t_lo, 1.0, n + 1)
+            x = noise
+            for a, b in zip(ts[:-1], ts[1:]):
+                x = jump(x, a, b)
+            out[f"{n} jump"] = rms(x)
+            out.setdefault("_x", []).append(x)
+    return out
+
+
+@dataclass
+class Run:
+    """Everything one training run needs besides the model."""
+
+    settings: DistillSettings
+    rank: int
+    cfg: float
+    data: TrainingData
+    lora_path: str              # the flow map file (models/fmtt_flow_maps/<name>.safetensors)
+    state_dir: str              # the resumable state (<name>.state/)
+    resume_from: str | None     # a state file to continue from
+    block_checkpointing: bool = True
+    ode_steps: int = 16         # data-free: the teacher's steps per generated sample
+    eval_steps: int = 64        # the teacher's ODE the look-ahead error is measured against
+    eval_samples: int = 2
+    writer: object = None       # (adapter, base, metadata) -> writes the flow map file
+
+
+def train(model, run: Run) -> Report:
+    """Run the distillation on `model` (a ModelPatcher) inside ComfyUI's sampling machinery."""
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(run.data.positives[0], run.data.negative)
+    guider.set_cfg(run.cfg)
+    report = Report()
+
+    def trainer_fn(m, x, sigmas, extra_args=None, callback=None, disable=None):
+        inner, base = guided_parts(m)
+        extra_args = dict(extra_args or {})
+        guided = GuidedModel(lambda xc, sigma: m(xc, sigma, **extra_args), inner, base, run.data,
+                             torch.zeros((1, *run.data.shape), device=x.device), run.settings.seed)
+        check_memory(base, run.settings.batch, run.data.shape, run.cfg, run.block_checkpointing)
+        adapter = TwoTimeAdapter.fresh(inner.model_patcher, run.rank, torch.Generator().manual_seed(run.settings.seed),
+                                       os.path.basename(run.lora_path))
+        with differentiable([base.diffusion_model], block_checkpointing=run.block_checkpointing):
+            _train(guided, adapter, base, run, report, x.device)
+        return x
+
+    shape = (1, *run.data.shape)
+    zeros = torch.zeros(shape)
+    sigmas = model.get_model_object("model_sampling").sigma_max.reshape(1).cpu()
+    guider.sample(zeros, zeros.clone(), comfy.samplers.KSAMPLER(trainer_fn), torch.cat([sigmas, sigmas * 0]),
+                  seed=run.settings.seed)
+    return report
+
+
+class _NodeTrainer(FlowMapTrainer):
+    """The core trainer, with the two-time adapter installed on the model for each step (side_lora casts the LoRA to
+    the model's dtype on entry: a fresh cast per step keeps the gradient path to the trained matrices); every save of
+    its resumable state also writes the flow map file beside it."""
+
+    on_save = None
+    install = None
+
+    def train_step(self):
+        with self.install():
+            return super().train_step()
+
+    def save(self, path=None):
+        out = super().save(path)
+        if self.on_save is not None:
+            self.on_save(self)
+        return out
+
+
+def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report: Report, device) -> None:
+    data = run.data
+    g_eval = torch.Generator().manual_seed(run.settings.seed + 7919)  # held-out noise, never a training draw
+    eval_noise = torch.randn((run.eval_samples, *data.shape), generator=g_eval).to(device)
+    target = guided.ode(eval_noise, run.eval_steps)
+    x1 = data.x1.clone().to(device) if data.x1 is not None else _teacher_pool(guided, data, run, device)
+
+    def draw(n, generator):
+        rows = torch.randint(len(x1), (n,), generator=generator)
+        guided.rows = data.caption[rows]
+        return x1[rows.to(device)]
+
+    pbar = comfy.utils.ProgressBar(run.settings.steps)
+    fingerprint = model_fingerprint(base)
+    metadata = {"family": adapter.family.name, "base_model_hash": fingerprint,
+                "clock": guided.clock.kind, "prediction": type(base.model_sampling).__mro__[1].__name__,
+                "cfg": run.cfg, "resolution": f"{data.shape[-1] * 8}x{data.shape[-2] * 8}",
+                "objective": run.settings.objective, "rank": run.rank,
+                "embedders": list(adapter.copies.keys())}
+
+    # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first.
+    eval_batch = FlowMapTrainer(adapter, guided.teacher, draw, dataclasses.replace(
+        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH)).draw_batch()
+    eval_rows = guided.rows
+
+    def install():
+        return adapter.installed(base, device)
+
+    def record_errors(trainer):
+        with install():
+            _record_errors(trainer)
+
+    def _record_errors(trainer):
+        errors = lookahead_errors(guided, adapter, eval_noise, target)
+        xs = errors.pop("_x")
+        report.lookahead_error[f"step {trainer.step}"] = errors
+        report.eval_loss[f"step {trainer.step}"] = held_out_objective(trainer, guided, eval_batch, eval_rows)
+        pbar.update_absolute(trainer.step, run.settings.steps, _preview_image(base, [target, *xs], device))
+
+    def write(trainer):
+        run.writer(adapter, base, {**metadata, "steps": trainer.step}, run.lora_path)
+        report.saved.append(trainer.step)
+
+    trainer = _NodeTrainer(adapter, guided.teacher, draw, run.settings, student=guided.student(adapter),
+                           out_dir=run.state_dir, on_preview=record_errors,
+                           on_log=lambda rec: pbar.update_absolute(rec["step"], run.settings.steps),
+                           identity={"base_model_hash": fingerprint, "family": adapter.family.name})
+    trainer.on_save, trainer.install = write, install
+    if run.resume_from:
+        trainer.resume(run.resume_from)  # refused when saved from another model (shapes, or the identity below)
+    else:
+        record_errors(trainer)  # the untrained map and the denoiser, before any step
+    try:
+        # Cancel is honoured between steps, so the saved state is a whole step's (exact resume).
+        trainer.run(should_stop=comfy.model_management.processing_interrupted)
+    finally:
+        report.losses = list(trainer.losses)
+    if trainer.step < run.settings.steps:
+        report.stopped_at = trainer.step
+        _write_report(run, report)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    record_errors(trainer)
+    _write_report(run, report)
+
+
+def held_out_objective(trainer: FlowMapTrainer, guided: GuidedModel, batch: dict, rows: torch.Tensor) -> float:
+    """The median over the held-out pairs of each pair's objective. The per-pair objective is heavy-tailed in the time
+    pair (on the VE clock d timestep / d t is ~1e3 near the noise end, and so is the Lagrangian residual there), so a
+    mean over a short run's batches shows those few pairs, not the trend."""
+    saved, values = guided.rows, []
+    with torch.no_grad():
+        for i in range(len(rows)):
+            guided.rows = rows[i:i + 1]
+            values.append(float(trainer.loss({k: v[i:i + 1] for k, v in batch.items()})[0]))
+    guided.rows = saved
+    return float(torch.tensor(values).median())
+
+
+def _write_report(run: Run, report: Report) -> None:
+    with open(os.path.join(run.state_dir, "report.json"), "w") as f:
+        json.dump({"losses": report.losses, "lookahead_error": report.lookahead_error, "eval_loss": report.eval_loss,
+                   "saved": report.saved}, f)
+
+
+def _teacher_pool(guided: GuidedModel, data: TrainingData, run: Run, device) -> torch.Tensor:
+    """Data-free: the teacher's own samples (ode_steps Euler steps from noise), the same for a given seed."""
+    g = torch.Generator().manual_seed(run.settings.seed + 104729)
+    noise = torch.randn((len(data.caption), *data.shape), generator=g).to(device)
+    return torch.cat([guided.ode(chunk, run.ode_steps) for chunk in noise.split(max(1, run.settings.batch))])
+
+
+def _preview_image(base, latents: list[torch.Tensor], device):
+    """The teacher's many-step result beside 1, 2 and 4 jumps, first held-out sample, as a UI preview."""
+    import latent_preview
+    previewer = latent_preview.get_previewer(device, base.latent_format)
+    if previewer is None:
+        return None
+    row = torch.cat([x[:1] for x in latents], dim=-1)
+    return previewer.decode_latent_to_preview_image("JPEG", base.process_latent_out(row))
+
+
+def loss_plot(losses: list[float]) -> torch.Tensor:
+    """The per-step loss as an IMAGE [1, H, W, 3] (log scale, PIL only)."""
+    from PIL import Image, ImageDraw
+    w, h, pad = 512, 256, 24
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    values = [math.log10(max(v, 1e-12)) for v in losses if math.isfinite(v)]
+    if len(values) >= 2:
+        lo, hi = min(values), max(values)
+        span = hi - lo or 1.0
+        pts = [(pad + i * (w - 2 * pad) / (len(values) - 1), h - pad - (v - lo) / span * (h - 2 * pad))
+               for i, v in enumerate(values)]
+        d.line(pts, fill=(200, 40, 40), width=2)
+        d.text((pad, 4), f"loss (log10) {10 ** hi:.3g} .. {10 ** lo:.3g}, {len(values)} steps", fill="black")
+    d.rectangle([pad, pad, w - pad, h - pad], outline="gray")
+    import numpy as np
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def write_pack_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) -> None:
+    lora, second = adapter.tensors()
+    save_two_time_lora(path, lora, second, metadata)
+
+
+FMRG_EMBEDDERS = {"time_in": "timestep_embedder", "guidance_in": "guidance_embedder", "vector_in": "text_embedder"}
+FMRG_LAYERS = {"in_layer": "linear_1", "out_layer": "linear_2"}
+# Other names ComfyUI's map accepts for the same weights (LyCORIS, FLUX.2); FLUX.1's diffusers model has none of them.
+FMRG_ALIASES = re.compile(r"linear_in|linear_out|to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out\.")
+
+
+def write_fmrg_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) -> None:
+    """A FLUX flow map in FMRG's format (diffusers / peft names, DualTimeEmbedder paths; two_time_lora.py), so FMRG's
+    own code loads it with `load_lora_weights` unchanged. ComfyUI's fused qkv / linear1 LoRAs are split into the
+    q / k / v / mlp row slices diffusers keeps apart (same down, the up's rows): the same delta W, exactly."""
+    from safetensors.torch import save_file
+    lora, second = adapter.tensors()
+    targets: dict[str, list[tuple[str, tuple | None]]] = {}
+    for name, target in comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="").items():
+        if FMRG_ALIASES.search(name):
+            continue
+        if isinstance(target, str):
+            targets.setdefault(target, []).append((name, None))
+        elif target[1] is not None:
+            targets.setdefault(target[0], []).append((name, (int(target[1][1]), int(target[1][2]))))
+    tensors = {}
+
+    def put(module: str, down: torch.Tensor, up: torch.Tensor):
+        tensors[f"transformer.{module}.lora_A.weight"] = down.float().cpu().clone()  # one per diffusers layer
+        tensors[f"transformer.{module}.lora_B.weight"] = up.float().cpu().clone()
+
+    for path_, (down, up) in lora.items():
+        found = targets.get(path_ + ".weight", [])
+        if not found:
+            raise FMTTInputError(f"FMTT: internal error, the FLUX layer {path_} has no diffusers name.")
+        for name, rows in found:
+            module = name.removesuffix(".weight").replace("time_text_embed.", "time_text_embed.original_embedder.", 1)
+            put(module, down, up if rows is None else up[rows[0]:rows[0] + rows[1]])
+    for path_, (down, up) in second.items():
+        embedder, layer = path_.split(".")
+        put(f"time_text_embed.second_embedder.{FMRG_EMBEDDERS[embedder]}.{FMRG_LAYERS[layer]}", down, up)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, {"fmtt.trained": json.dumps(metadata)})
+    os.replace(tmp, path)
+
+
+def writer_for(adapter: TwoTimeAdapter):
+    return write_fmrg_format if adapter.family.name == "FLUX.1" else write_pack_format

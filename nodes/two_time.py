@@ -1,0 +1,263 @@
+"""Two-time conditioning for every family the pack samples: the loaded model as u(x; sigma, sigma').
+
+FMRG's DualTimeEmbedder, for every family: a copy of the model's own time embedder embeds the second time sigma',
+and the conditioning vector is the mean of the two embeddings, (E(sigma) + E2(sigma')) / 2. A LoRA on the model's
+Linears and on the copy makes the pair (sigma, sigma') matter. Both act *beside* the weights and only while a
+two-time call is active (a context variable): outside those calls the loaded MODEL is the plain base model, which
+is what the teacher of the distillation and the base sampler of FMTT see, with no second copy of the weights.
+
+family         ComfyUI config       copied embedder(s)                          second input
+SD1.5, SDXL    SD15 / SD20 / SDXL   time_embed (sinusoid -> MLP)                sinusoid of timestep(sigma')
+FLUX.1         Flux / FluxSchnell   time_in, guidance_in, vector_in             sinusoid of sigma' (time_in only)
+SD3 / SD3.5    SD3                  t_embedder (takes the timestep itself)      timestep(sigma')
+
+timestep(sigma') is the model's own sigma -> timestep map, made continuous for discrete (SD) schedules by
+interpolating log sigma, so that d/dsigma' exists for the distillation's finite differences.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+
+import comfy.model_sampling
+import torch
+import torch.nn.functional as F
+from comfy.ldm.flux.layers import timestep_embedding as flux_embedding
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding as unet_embedding
+
+from ..fmtt_core import FMTTInputError
+from .side_lora import SideLoRA
+
+_SECOND: contextvars.ContextVar = contextvars.ContextVar("fmtt_second_time", default=None)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    configs: tuple[str, ...]          # ComfyUI supported_models class names
+    embedders: tuple[str, ...]        # modules copied as the second embedder (absent ones skipped)
+    time_embedder: str                # the one whose input is the time
+    second_input: object              # (original input, timestep') -> the copy's input
+    targets: re.Pattern               # Linears (ComfyUI module paths) that get a LoRA
+
+
+_UNET_TARGETS = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+                           r"|time_embed\.[02])$")
+FAMILIES = (
+    Family("SD1.5 / SDXL", ("SD15", "SD20", "SDXL"), ("time_embed",), "time_embed",
+           lambda e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
+    Family("FLUX.1", ("Flux", "FluxSchnell"), ("time_in", "guidance_in", "vector_in"), "time_in",
+           lambda e, ts: flux_embedding(ts, e.shape[-1]),
+           re.compile(r"((double_blocks|single_blocks)\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]"
+                      r"|txt_mlp\.[02]|linear1|linear2)|time_in\.(in_layer|out_layer))$")),
+    Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda t, ts: ts,
+           re.compile(r"(joint_blocks\.\d+\.(x_block|context_block)\.(attn\.(qkv|proj)|mlp\.fc[12])"
+                      r"|t_embedder\.mlp\.[02])$")),
+)
+SUPPORTED = "SD1.5 (eps and v), SDXL, FLUX.1 (dev / schnell) and SD3 / SD3.5"
+
+
+def family_of(base_model) -> Family:
+    config = type(getattr(base_model, "model_config", None)).__name__
+    for family in FAMILIES:
+        if config in family.configs:
+            return family
+    raise FMTTInputError(f"FMTT: two-time flow maps are not available for the {config} model: they are implemented "
+                         f"for {SUPPORTED}. Load one of those (the base model you sample with).")
+
+
+def model_fingerprint(base_model) -> str:
+    """A short hash of the diffusion model's tensors (names, shapes, the first values of each): tells whether a file
+    was trained on this model without reading all of its weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(base_model.diffusion_model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """The model's timestep input for sigma, continuous also for discrete schedules (log-sigma interpolated)."""
+    log_sigmas = getattr(model_sampling, "log_sigmas", None)
+    if log_sigmas is None or not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        return model_sampling.timestep(sigma).float()
+    table = log_sigmas.float().to(sigma.device)
+    s = sigma.float().clamp(table[0].exp(), table[-1].exp()).log()
+    i = torch.searchsorted(table, s.contiguous()).clamp(1, len(table) - 1)
+    lo, hi = table[i - 1], table[i]
+    return (i - 1).float() + (s - lo) / (hi - lo)
+
+
+class LoRALinear(torch.nn.Module):
+    """A Linear of the second embedder with its LoRA: x -> x (W + up down)^T + b (W, b frozen, the model's own)."""
+
+    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, trainable: bool):
+        super().__init__()
+        with torch.inference_mode(False):
+            self.weight = torch.nn.Parameter(linear.weight.detach().clone().float(), requires_grad=False)
+            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone().float(),
+                                                                             requires_grad=False)
+            self.down = torch.nn.Parameter(down.detach().clone().float(), requires_grad=trainable)
+            self.up = torch.nn.Parameter(up.detach().clone().float(), requires_grad=trainable)
+
+    def forward(self, x):
+        return F.linear(x.to(self.weight.dtype), self.weight + self.up @ self.down, self.bias)
+
+
+class TwoTimeAdapter(torch.nn.Module):
+    """The two-time model's own tensors: a LoRA beside the model's Linears, applied by the pack's one mechanism for
+    that (nodes/side_lora.py), and the second time embedder (a copy of the model's, with a LoRA on its Linears).
+
+    lora[path]    = (down [r, in], up [out, r]) on the model's Linear `path` (ComfyUI's module path)
+    copies[name]  = the copied embedder; its Linears are LoRALinear (second[name.sub] = their (down, up))
+    """
+
+    def __init__(self, family: Family, model, base: dict, second: dict, trainable: bool, name: str):
+        super().__init__()
+        self.family, self.name = family, name
+        dm = model.model.diffusion_model
+        self.lora = _pairs(base, trainable)
+        self.copies = torch.nn.ModuleDict()
+        with torch.inference_mode(False):
+            for embedder in family.embedders:
+                module = getattr(dm, embedder, None)
+                if module is not None:
+                    self.copies[embedder] = _lora_copy(module, embedder, second, trainable)
+        unused = sorted(set(second) - {p for p, _ in self.second_pairs()})
+        if unused:
+            raise FMTTInputError(f"FMTT: '{name}' has second-embedder layers this {family.name} model lacks "
+                                 f"({', '.join(unused[:3])}): it was trained on another model.")
+        tensors = {f"diffusion_model.{path}.lora_{side}.weight": t
+                   for path, (down, up) in _items(self.lora) for side, t in (("down", down), ("up", up))}
+        # SideLoRA holds these very Parameters (no copy): it applies what the optimiser updates.
+        self.side = SideLoRA.build(model, tensors, 1.0, name) if tensors else None
+        _set_model_sampling(self, None)
+
+    @classmethod
+    def fresh(cls, model, rank: int, generator: torch.Generator, name: str) -> TwoTimeAdapter:
+        """Random down (1 / sqrt(in)), zero up: at the start the LoRA adds nothing and the copy equals the original."""
+        family = family_of(model.model)
+        dm = model.model.diffusion_model
+        layers = {p: m.weight.shape for p, m in dm.named_modules()
+                  if family.targets.search(p) and isinstance(m, torch.nn.Linear)}
+        if not layers:
+            raise FMTTInputError(f"FMTT: no layers of this {family.name} model match the flow-map LoRA's targets; "
+                                 "the model's layout is not the one this pack knows.")
+        second = {f"{e}.{sub}": m.weight.shape for e in family.embedders if getattr(dm, e, None) is not None
+                  for sub, m in getattr(dm, e).named_modules() if isinstance(m, torch.nn.Linear)}
+        with torch.inference_mode(False):
+            def init(shapes):
+                return {p: (torch.randn(rank, s[1], generator=generator) / s[1] ** 0.5, torch.zeros(s[0], rank))
+                        for p, s in shapes.items()}
+            return cls(family, model, init(layers), init(second), trainable=True, name=name)
+
+    def second_pairs(self) -> list:
+        return [(f"{e}.{sub}", (m.down, m.up)) for e, c in self.copies.items()
+                for sub, m in c.named_modules() if isinstance(m, LoRALinear) and m.down.shape[0] > 0]
+
+    def tensors(self) -> tuple[dict, dict]:
+        """({path: (down, up)} on the model, {embedder.path: (down, up)} on the copy), detached."""
+        return ({p: (d.detach(), u.detach()) for p, (d, u) in _items(self.lora)},
+                {p: (d.detach(), u.detach()) for p, (d, u) in self.second_pairs()})
+
+    # ---------------------------------------------------------------- on the loaded model
+
+    @contextlib.contextmanager
+    def installed(self, base_model, device=None):
+        """The LoRA (side_lora) and the dual-embedder hooks on the loaded model, acting only inside `active`.
+        For training, install per step: side_lora casts the matrices to the model's device and dtype on entry."""
+        dm = base_model.diffusion_model
+        device = device if device is not None else next(dm.parameters()).device
+        self.copies.to(device)
+        _set_model_sampling(self, base_model.model_sampling)
+        handles = [getattr(dm, name).register_forward_hook(
+            _dual_hook(copy_, self.family.second_input if name == self.family.time_embedder else None),
+            with_kwargs=True) for name, copy_ in self.copies.items()]
+        try:
+            with self.side.installed(base_model, device) if self.side is not None else contextlib.nullcontext():
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            _set_model_sampling(self, None)
+
+    @contextlib.contextmanager
+    def active(self, sigma_next: torch.Tensor):
+        """Inside: the model is the two-time model at (sigma, sigma'), one sigma' per row of the caller's batch."""
+        if self._model_sampling is None:
+            raise FMTTInputError("FMTT: internal error, the two-time adapter is not installed on the model.")
+        token = _SECOND.set(model_timestep(self._model_sampling, sigma_next.detach().reshape(-1)))
+        try:
+            with self.side.active() if self.side is not None else contextlib.nullcontext():
+                yield
+        finally:
+            _SECOND.reset(token)
+
+
+def _set_model_sampling(adapter: TwoTimeAdapter, model_sampling) -> None:
+    """The installed model's sigma schedule, held by reference: not a sub-module (it is no part of the adapter's
+    state, which the trainer saves and resumes)."""
+    object.__setattr__(adapter, "_model_sampling", model_sampling)
+
+
+def _lora_copy(module: torch.nn.Module, name: str, second: dict, trainable: bool) -> torch.nn.Module:
+    """A copy of the embedder whose Linears carry the file's (or fresh) LoRA; without one a layer keeps W."""
+    out = copy.deepcopy(module)
+    for sub, m in list(out.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            down, up = second.get(f"{name}.{sub}", (torch.zeros(0, m.in_features), torch.zeros(m.out_features, 0)))
+            if down.shape[1] != m.in_features or up.shape[0] != m.out_features or up.shape[1] != down.shape[0]:
+                raise FMTTInputError(f"FMTT: the second time embedder's LoRA on {name}.{sub} is {tuple(up.shape)} x "
+                                     f"{tuple(down.shape)}, the layer {m.out_features} x {m.in_features}: the flow map "
+                                     "was trained on another model. Use the model it was trained on.")
+            parent, _, attr = sub.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, attr, LoRALinear(m, down, up, trainable))
+    for p in out.parameters():
+        if not isinstance(p, torch.nn.Parameter) or p.is_inference():
+            raise FMTTInputError("FMTT: internal error, an inference tensor left in the second time embedder.")
+    return out
+
+
+def _pairs(layers: dict, trainable: bool) -> torch.nn.ParameterDict:
+    """{path: (down, up)} as a ParameterDict ('.' is not allowed in its keys: '/' instead)."""
+    out = torch.nn.ParameterDict()
+    with torch.inference_mode(False):
+        for path, (down, up) in layers.items():
+            for side, t in (("down", down), ("up", up)):
+                out[f"{path.replace('.', '/')}:{side}"] = torch.nn.Parameter(t.detach().clone().float(),
+                                                                           requires_grad=trainable)
+    return out
+
+
+def _items(pairs: torch.nn.ParameterDict):
+    paths = sorted({k.rsplit(":", 1)[0] for k in pairs.keys()})
+    return [(p.replace("/", "."), (pairs[f"{p}:down"], pairs[f"{p}:up"])) for p in paths]
+
+
+def _rows(values: torch.Tensor, n: int) -> torch.Tensor:
+    """sigma' for the model's batch: ComfyUI stacks the caller's rows once per condition (cond, uncond, ...)."""
+    if n % values.shape[0]:
+        raise FMTTInputError(f"FMTT: internal error, the model batch ({n}) is not a multiple of the two-time batch "
+                             f"({values.shape[0]}).")
+    return values.repeat(n // values.shape[0])
+
+
+def _dual_hook(second: torch.nn.Module, second_input):
+    """The embedder's output averaged with its copy's; the time embedder's copy sees timestep(sigma')."""
+
+    def hook(module, args, kwargs, out):
+        timestep_next = _SECOND.get()
+        if timestep_next is None:
+            return out
+        first, *rest = args
+        if second_input is not None:
+            first = second_input(first, _rows(timestep_next, first.shape[0]).to(first.device))
+        first = first.float() if first.is_floating_point() else first
+        kwargs = {**kwargs, "dtype": torch.float32} if "dtype" in kwargs else kwargs  # SD3's t_embedder casts
+        return (out + second(first, *rest, **kwargs).to(out.dtype)) / 2
+
+    return hook

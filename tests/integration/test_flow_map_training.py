@@ -1,0 +1,226 @@
+"""FMTT Train Flow Map in a real ComfyUI on tiny random models of each family (tiny_unets.py, tiny_models.py):
+training through the node lowers the loss and the look-ahead error, the file loads through the look-ahead node and
+FMTT samples with it, Cancel keeps a state that resumes exactly, and bad input is refused with the server alive."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmtt_testing.comfy_prompts import error_message, latent_of, ok
+
+
+def _families_suite():
+    """The model-family suite's prompt builders and its `families` fixture (tiny models built once per module)."""
+    path = Path(__file__).with_name("test_model_families.py")
+    spec = importlib.util.spec_from_file_location("fmtt_family_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_suite = _families_suite()
+families, family_nodes, ksampler_prompt = _suite.families, _suite.family_nodes, _suite.ksampler_prompt
+
+pytestmark = pytest.mark.integration
+_seeds = iter(range(700_000, 10**6))  # apart from the other suites': ComfyUI caches identical prompts
+
+
+def fresh_seed():
+    return next(_seeds)
+
+
+def train_node(name, family="sd15", steps=30, latents=None, **overrides):
+    inputs = {"model": ["model_out", 0], "positive": ["positive", 0], "name": name, "steps": steps, "rank": 4,
+              "learning_rate": 3e-3, "batch_size": 2, "objective": "lsd", "seed": 0, "cfg": 1.0,
+              "save_every": 0, "preview_every": 0, "resume": False, "width": 64, "height": 64,
+              "data_free_samples": 4, "block_checkpointing": True, **overrides}
+    if latents is not None:
+        inputs["latents"] = latents
+    return {"class_type": "FMTTTrainFlowMap", "inputs": inputs}
+
+
+def training_prompt(name, family="sd15", **kw):
+    if family == "flux":  # the tiny FLUX.1-dev converted from diffusers' model (tiny_flux_flow_map.py)
+        p = {"loader": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev_fm.safetensors",
+                                                               "weight_dtype": "default"}},
+             "positive": {"class_type": "FMTTTestConditioning", "inputs": {"seed": 21, "tokens": 4}},
+             "train": train_node(name, family, **{"width": 32, "height": 32, **kw})}
+        p["train"]["inputs"]["model"] = ["loader", 0]
+        return p
+    p = family_nodes(family)
+    model = p.pop("model_out")
+    p.pop("vae_out")
+    p = {k: v for k, v in p.items() if k in ("loader", "vpred", "positive", "negative")}
+    p["train"] = train_node(name, family, **kw)
+    p["train"]["inputs"]["model"] = model
+    return p
+
+
+def report_of(entry):
+    return json.loads(entry["outputs"]["train"]["text"][0])
+
+
+def errors_at(report, step):
+    return report["lookahead_error"][f"step {step}"]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_training_lowers_the_loss_and_the_lookahead_error(families, family):  # noqa: F811
+    steps = 30
+    entry = families.run(training_prompt(f"fm_{family}", family, steps=steps), timeout=900)
+    report = report_of(ok(entry))
+    losses = report["losses"]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses)
+    # the objective on fixed held-out pairs, median over them (the per-step loss is heavy-tailed in the time pair)
+    assert report["eval_loss"][f"step {steps}"] < report["eval_loss"]["step 0"], report["eval_loss"]
+    before, after = errors_at(report, 0), errors_at(report, steps)
+    # the trained map's 1-jump end point is closer to the teacher's 64-step ODE end point (held-out noise) than the
+    # untrained map's and the denoiser look-ahead's
+    assert after["1 jump"] < before["1 jump"] and after["1 jump"] < before["denoiser"], report["lookahead_error"]
+    assert (families.base / "models" / "fmtt_flow_maps" / f"fm_{family}.safetensors").is_file()
+
+
+def test_the_trained_file_drives_fmtt(families):  # noqa: F811
+    ok(families.run(training_prompt("fm_for_fmtt", steps=3), timeout=900))
+    families.get("/object_info/FMTTTrainedFlowMapLookahead")  # lists the new file (ComfyUI rescans the folder)
+    look = {"class_type": "FMTTTrainedFlowMapLookahead", "inputs": {
+        "model": ["loader", 0], "flow_map": "fm_for_fmtt.safetensors", "jumps": 2, "checkpoint": False}}
+    p = ksampler_prompt("sd15", fresh_seed(), lookahead=look)
+    entry = ok(families.run(p))
+    shape, values = latent_of(entry)
+    assert shape == [1, 4, 8, 8] and all(math.isfinite(v) for v in values)
+
+
+def test_a_dataset_folder_trains_and_an_empty_one_is_refused(families):  # noqa: F811
+    folder = families.base / "input" / "fm_dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (families.base / "input" / "fm_empty").mkdir(exist_ok=True)
+
+    def prompt(name, sub):
+        p = training_prompt(name, steps=4)
+        p["images"] = {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": sub}}
+        p["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["images", 0], "vae": ["loader", 2]}}
+        p["train"]["inputs"]["latents"] = ["encode", 0]
+        return p
+
+    report = report_of(ok(families.run(prompt("fm_data", "fm_dataset"), timeout=600)))
+    assert len(report["losses"]) == 4
+    entry = families.run(prompt("fm_nodata", "fm_empty"))
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    # ComfyUI's folder loader refuses an empty folder itself; an empty LATENT list reaching the trainer would be
+    # refused by it with "the dataset holds no images"
+    assert "No valid images found" in error_message(entry), error_message(entry)
+    ok(families.run(ksampler_prompt("sd15", fresh_seed())))  # the server keeps serving
+
+
+def test_cancel_keeps_a_state_that_resumes_exactly(families):  # noqa: F811
+    steps = 12
+    whole = report_of(ok(families.run(training_prompt("fm_whole", steps=steps), timeout=900)))["losses"]
+    state = families.base / "output" / "fmtt_flow_map_runs" / "fm_cut" / "state.safetensors"
+    status, body = families.submit(training_prompt("fm_cut", steps=steps, save_every=1))
+    assert status == 200, body
+    deadline = time.time() + 600
+    while not state.is_file() or _saved_step(state) < 3:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    families.post("/interrupt", {})
+    entry = families.wait(body["prompt_id"], timeout=600)
+    assert entry["status"]["status_str"] == "error", entry["status"]  # interrupted
+    cut = _saved_step(state)
+    assert 3 <= cut < steps
+    resumed = report_of(ok(families.run(training_prompt("fm_cut", steps=steps, resume=True), timeout=900)))
+    assert resumed["losses"] == whole, (cut, resumed["losses"], whole)  # the same curve, bit for bit on the CPU
+
+
+def _saved_step(path: Path) -> int:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(json.loads(f.metadata()["fmtt.trainer_state"])["step"])
+    except Exception:  # being replaced right now
+        return -1
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("resume_other_model", "saved from another model"),
+    ("too_big", "Lower batch_size"),
+])
+def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expected):  # noqa: F811
+    if case == "resume_other_model":
+        ok(families.run(training_prompt("fm_other", steps=2), timeout=600))
+        p = training_prompt("fm_other", "sd15_v", steps=4, resume=True)
+        p["loader"]["inputs"]["ckpt_name"] = "tiny_sdxl.safetensors"  # another model under the same run name
+        p["positive"]["inputs"]["context_dim"] = 2048
+        p["positive"]["inputs"]["pooled_dim"] = 1280
+    else:
+        p = training_prompt("fm_huge", steps=2, width=4096, height=4096, batch_size=1024)
+    entry = families.run(p, timeout=600)
+    assert entry["status"]["status_str"] == "error" and expected in error_message(entry), error_message(entry)
+    ok(families.run(ksampler_prompt("sd15", fresh_seed())))
+
+
+def _tiny_flux_module():
+    spec = importlib.util.spec_from_file_location("fmtt_tiny_flux_flow_map", Path(__file__).with_name(
+        "tiny_flux_flow_map.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_flux_map_trained_here_gives_fmrgs_x_in_diffusers(families):  # noqa: F811
+    """FMRG's own loading (DualTimeEmbedder + diffusers' load_lora_weights, unchanged) of the file the node wrote
+    gives the X the pack computes with it, on every case of the FLUX flow-map LoRA suite."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fmtt_testing import flux_flow_map_reference as ref
+    ok(families.run(training_prompt("fm_flux", "flux", steps=4, learning_rate=1e-2), timeout=600))
+    lora = families.base / "models" / "fmtt_flow_maps" / "fm_flux.safetensors"
+    tiny = _tiny_flux_module()
+    transformer = ref.tiny_transformer()  # the diffusers model tiny_flux_dev_fm.safetensors was converted from
+    trained, untrained = ref.load_like_fmrg(transformer, lora), ref.add_dual_time_embedder(transformer)
+    context, pooled = ref.conditioning(tiny.COND_SEED)
+    g = torch.Generator().manual_seed(23)
+    tensors, cases, moved = {}, [], []
+    with torch.no_grad():
+        for size, batch, pairs in tiny.CASES:
+            for sigma, sigma_next in pairs:
+                i = len(cases)
+                tensors[f"x{i}"] = x = torch.randn(batch, 16, *size, generator=g)
+                tensors[f"want{i}"] = want = ref.reference_jump(trained, x, sigma, sigma_next, context, pooled)
+                base = ref.reference_jump(untrained, x, sigma, sigma_next, context, pooled)
+                moved.append(float((want - base).abs().max() / want.abs().max()))
+                cases.append({"sigma": sigma, "sigma_next": sigma_next})
+        tensors["chain_x"] = z = torch.randn(2, 16, 4, 4, generator=g)
+        for sigma, sigma_next in zip(tiny.CHAIN[:-1], tiny.CHAIN[1:]):
+            z = ref.reference_jump(trained, z, sigma, sigma_next, context, pooled)
+        tensors["chain_want"] = z
+    assert max(moved) > 1e-3, moved  # the trained LoRA changes X: the comparison below can fail
+    reference = families.base / "fmtt_reference" / "trained_flux_flow_map.safetensors"
+    reference.parent.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, reference,
+              {"cases": json.dumps(cases), "chain": json.dumps(tiny.CHAIN), "cond_seed": str(tiny.COND_SEED)})
+    families.get("/object_info/FMTTTrainedFlowMapLookahead")
+    p = {"model": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev_fm.safetensors",
+                                                          "weight_dtype": "default"}},
+         "cond": {"class_type": "FMTTTestConditioning", "inputs": {"seed": tiny.COND_SEED, "tokens": 4}},
+         "look": {"class_type": "FMTTTrainedFlowMapLookahead", "inputs": {
+             "model": ["model", 0], "flow_map": "fm_flux.safetensors", "jumps": 1, "checkpoint": False}},
+         "check": {"class_type": "FMTTTestFlowMapCompare", "inputs": {
+             "model": ["model", 0], "lookahead": ["look", 0], "positive": ["cond", 0], "h": 1e-2,
+             "reference": str(reference)}}}
+    report = json.loads(ok(families.run(p))["outputs"]["check"]["text"][0])
+    for case in report["cases"]:
+        assert case["error"] < 1e-4, case  # relative to the reference's largest value, float32
+    assert report["chain_error"] < 1e-4, report
+    assert report["base_unchanged_inside"] and report["base_unchanged_after"], report
