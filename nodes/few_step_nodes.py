@@ -16,7 +16,8 @@ KIND_TOOLTIP = (
     "boundary-condition parameterisation), an approximate consistency map. TCD: an x0 prediction and a "
     "deterministic DDIM jump (gamma 0), an approximate two-time map. Lightning / Hyper-SD / Turbo: trained away "
     "from the teacher's ODE (adversarial / distribution matching), so the look-ahead is biased even where it "
-    "looks sharp. None of them is the base model's flow map: keep the sampler's weights on auto (never eulerian).")
+    "looks sharp. None of them is the base model's flow map: keep the sampler's weights on twisted (exact) or "
+    "auto, never eulerian.")
 
 
 class FewStepLoRALookaheadNode(io.ComfyNode):
@@ -47,7 +48,8 @@ class FewStepLoRALookaheadNode(io.ComfyNode):
                                          "memory stays one step deep."),
             ],
             outputs=[Lookahead.Output(display_name="lookahead",
-                                      tooltip="An approximate look-ahead: connect to an FMTT sampler (weights auto).")])
+                                      tooltip="An approximate look-ahead: connect to an FMTT sampler "
+                                              "(weights twisted or auto, never eulerian).")])
 
     @classmethod
     def execute(cls, model, lora_name, strength, steps, kind, checkpoint) -> io.NodeOutput:
