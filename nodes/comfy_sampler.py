@@ -26,11 +26,13 @@ from comfy_execution.utils import get_executing_context
 from server import PromptServer
 
 from ..fmtt_core import FMTTInputError, fmtt_sample
+from ..fmtt_core.finite import FMTTNonFiniteError, require_finite
 from ..fmtt_core.particles import SPREAD
 from . import memory_guard, multigpu
 from .autograd import differentiable, normal_tensor
 from .clocks import clock_of, core_denoiser, family_of, guided_parts
 from .decoding import vae_decoder
+from .finite_outputs import explain
 from .lookahead_specs import BaseModelLookahead, describe
 
 STREAM_NOISE, STREAM_SAMPLER, STREAM_PICK = 0, 1, 2
@@ -225,7 +227,11 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
             return run.run(companion)
 
     try:
-        return spec.run_with(base_model, x, sigmas, run.seed, body)
+        out = spec.run_with(base_model, x, sigmas, run.seed, body)
+        require_finite("step", out, 1.0)  # a picked particle that blew up is an error, never a result
+        return out
+    except FMTTNonFiniteError as err:
+        raise explain(err, getattr(guider, "cfg", None), spec) from None
     finally:
         diag.seconds = time.perf_counter() - started
         _announce(diag)
