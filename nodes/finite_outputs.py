@@ -1,7 +1,8 @@
 """Nothing non-finite leaves a pack node, and what went non-finite is named in the node's words.
 
 fmtt_core traces a NaN / inf to the stage that first made it (fmtt_core/finite.py: model call, look-ahead,
-decoder, reward, gradient, step) but knows nothing of widgets. `explain` adds what the node knows: the guidance
+decoder, reward, gradient, step) but knows nothing of widgets. A float widget fed NaN / inf by a link is refused by
+`guard` before its node runs, naming the widget (typed-in ones are refused at queue time, strict_inputs.py). `explain` adds what the node knows: the guidance
 scale the model was called with, the look-ahead's file and strength. `guard` wraps every pack node's execute so
 that a tensor output (a latent, an image) holding NaN / inf is refused at the node that made it, never handed on
 as a success; outputs that are objects (a SAMPLER, a reward, a look-ahead) are checked where they run, by the core
@@ -40,10 +41,9 @@ def _tensors(value, name: str):
         yield f"{name} (samples)", value["samples"]
 
 
-def check_outputs(node_class, out) -> None:
+def check_outputs(schema: io.Schema, out) -> None:
     if not isinstance(out, io.NodeOutput) or not out.args:
         return
-    schema = node_class.GET_SCHEMA()
     for output, value in zip(schema.outputs, out.args):
         for label, tensor in _tensors(value, output.display_name or output.id):
             if tensor.numel() and not bool(finite_rows(tensor.reshape(1, -1)).all()):
@@ -53,14 +53,27 @@ def check_outputs(node_class, out) -> None:
                     f"{tensor.numel()}; it is not handed on. Check this node's float inputs and the files it read.")
 
 
+def check_float_inputs(schema: io.Schema, inputs: dict) -> None:
+    """A NaN / inf reaching a float widget through a link (a primitive node, a math node): ComfyUI checks only
+    typed-in values (strict_inputs.py refuses non-finite ones at queue time), so linked ones are checked here."""
+    for widget in schema.inputs:
+        value = inputs.get(widget.id)
+        if isinstance(widget, io.Float.Input) and isinstance(value, (int, float)) and not math.isfinite(value):
+            raise FMTTNumericalError(f"{schema.display_name}: {widget.id} is {value} (from a link); it takes finite "
+                                     f"numbers from {widget.min} to {widget.max}. Fix the node that feeds it.")
+
+
 def guard(node_class) -> None:
-    """Wrap node_class.execute so its tensor outputs are checked before ComfyUI hands them on."""
+    """Wrap node_class.execute: float inputs are checked before it runs, tensor outputs before ComfyUI hands them
+    on. The schema is read once here: ComfyUI runs a locked clone of the class, which cannot build it again."""
     execute = node_class.execute.__func__
+    schema = node_class.GET_SCHEMA()
 
     @functools.wraps(execute)
     def checked(cls, *args, **kwargs):
+        check_float_inputs(schema, kwargs)
         out = execute(cls, *args, **kwargs)
-        check_outputs(cls, out)
+        check_outputs(schema, out)
         return out
 
     node_class.execute = classmethod(checked)
