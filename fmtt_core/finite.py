@@ -47,8 +47,9 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
 class Trace:
     """The first stage at which each of N particles stopped being finite, filled in chain order.
 
-        trace = Trace(x)                      # rows that are already non-finite are not blamed on any stage
-        ok = trace.check("model", d, ok)      # rows finite up to here whose d is not: blamed on the model
+        trace = Trace(x)              # rows that are already non-finite are not blamed on any stage
+        trace.check("model", d)       # rows finite up to here whose d is not: blamed on the model
+        trace.check("lookahead", y)   # ... and so on down the chain; trace.blame(t) then speaks
     """
 
     def __init__(self, x: torch.Tensor):
@@ -59,12 +60,9 @@ class Trace:
     def ok(self) -> torch.Tensor:
         return self.entered & (self.first == 0)
 
-    def check(self, stage: str, out: torch.Tensor, ok: torch.Tensor | None = None) -> torch.Tensor:
-        """Blame `stage` for rows that were finite up to it (`ok`, default: so far) and are not in `out`."""
-        ok = (self.ok if ok is None else ok.cpu()) & (self.first == 0)
-        broke = ok & ~finite_rows(out).cpu()
-        self.first[broke] = _CODE[stage]
-        return ok & ~broke
+    def check(self, stage: str, out: torch.Tensor) -> None:
+        """Blame `stage` for the rows that were finite up to it and are not in its output `out`."""
+        self.first[self.ok & ~finite_rows(out).cpu()] = _CODE[stage]
 
     @staticmethod
     def cat(traces: list[Trace]) -> Trace:

@@ -361,7 +361,7 @@ def damaged(comfy):
         written.append(folder / "intact.safetensors")
     torch.manual_seed(0)
     save_file(AestheticMLP(768).state_dict(), str(models / "reward_models" / "intact.safetensors"))
-    tokenizer = models / "reward_models" / "tiny_bert_tokenizer"
+    tokenizer = models / "reward_models" / "intact_tokenizer"
     tokenizer.mkdir(exist_ok=True)
     (tokenizer / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]))
     yield comfy.get("/object_info")  # the live schemas, listing the damaged files
@@ -391,12 +391,14 @@ def test_every_file_reading_input_names_a_damaged_file_and_the_fix(comfy, damage
                 if "models/" in (spec[1] if len(spec) > 1 else {}).get("tooltip", "")
                 and "folder" not in (spec[1] if len(spec) > 1 else {}).get("tooltip", "").lower()]
     assert set(promised) <= set(inputs), (promised, inputs)
+    combos = {n: spec for section in ("required", "optional") for n, spec in info["input"].get(section, {}).items()
+              if _options(spec)}
     for name in inputs:
         for kind, (_, said) in DAMAGES.items():
             p = prompt_for(node_type, damaged)
             x = p["x"]["inputs"]
-            for other in inputs:  # the node's other file inputs get a good file
-                x[other] = "intact.safetensors"
+            for other, spec in combos.items():  # the node's other files and folders: intact ones
+                x[other] = next((o for o in _options(spec) if str(o).startswith("intact")), x.get(other))
             x[name] = f"damaged_{kind}.safetensors"
             status, body = comfy.submit(p)
             assert status == 200, body
