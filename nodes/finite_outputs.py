@@ -1,12 +1,12 @@
 """Nothing non-finite leaves a pack node, and what went non-finite is named in the node's words.
 
 fmtt_core traces a NaN / inf to the stage that first made it (fmtt_core/finite.py: model call, look-ahead,
-decoder, reward, gradient, step) but knows nothing of widgets. A float widget fed NaN / inf by a link is refused by
-`guard` before its node runs, naming the widget (typed-in ones are refused at queue time, strict_inputs.py). `explain` adds what the node knows: the guidance
-scale the model was called with, the look-ahead's file and strength. `guard` wraps every pack node's execute so
-that a tensor output (a latent, an image) holding NaN / inf is refused at the node that made it, never handed on
-as a success; outputs that are objects (a SAMPLER, a reward, a look-ahead) are checked where they run, by the core
-and the samplers.
+decoder, reward, gradient, step) but knows nothing of widgets. `explain` adds what the node knows: the guidance
+scale the model was called with, the look-ahead's file and strength. `guard` wraps every pack node's execute: a
+float widget fed NaN / inf by a link is refused before the node runs, naming the widget (typed-in ones are refused
+at queue time, strict_inputs.py), and a tensor output (a latent, an image) holding NaN / inf is refused at the node
+that made it, never handed on as a success. Outputs that are objects (a SAMPLER, a reward, a look-ahead) are
+checked where they run, by the core and the samplers.
 """
 from __future__ import annotations
 
