@@ -185,7 +185,11 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     sig = sigmas.detach().float().cpu()
     decode, vae_module = vae_decoder(settings.vae, base_model)
     spec = settings.lookahead if settings.lookahead is not None else BaseModelLookahead("denoiser")
-    plan = memory_guard.plan(settings, base_model, float(getattr(guider, "cfg", 1.0)), settings.vae, spec, x)
+    cfg = float(getattr(guider, "cfg", 1.0))
+    measured = (memory_guard.measured_bytes(settings, latent_model_fn(model, extra_args, 0), decode, base_model,
+                                            settings.vae, vae_module, cfg, x, sigmas)
+                if settings.needs_gradient() else None)
+    plan = memory_guard.plan(settings, base_model, cfg, settings.vae, spec, x, measured)
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))
     options = extra_args.get("model_options", {})
