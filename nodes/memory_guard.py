@@ -21,6 +21,10 @@ from .autograd import block_lists, differentiable
 BUDGET_VAR = "FMTT_MEMORY_BUDGET_MB"  # caps the budget (a shared machine, a test); unset: all that is free
 STATE_COPIES = 8            # particle-sized tensors a step keeps per particle (x, D, gradient, noise, ODE step, ...)
 REWARD_FLOOR = 16 * MiB     # the least a reward pass is assumed to cost per image
+# The old multiples of ComfyUI's inference estimate, kept for the flow-map training's memory estimate
+# (nodes/flow_map_training.py on main), which is not measured yet; sampling no longer uses them.
+BACKWARD_KEEPS = 6.0
+BACKWARD_KEEPS_BLOCKS = 2.0
 
 
 def budget(device) -> int:
