@@ -81,7 +81,6 @@ def plan_chunks(particles: int, pass_per_particle: float, state_per_particle: fl
     return MemoryPlan(chunk, particles, pass_b, state_b, budget, False)
 
 
-
 @dataclass(frozen=True)
 class PassMemory:
     """What one forward + backward pass holds above the weights, read off autograd while it runs.
