@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .errors import FMTTInputError
 
 MiB = 1024 * 1024
+PAGE = 4096  # the smallest block an allocator maps (CPU pages; CUDA's caching allocator rounds to 512 bytes)
 
 
 class FMTTMemoryError(FMTTInputError):
@@ -78,3 +79,87 @@ def plan_chunks(particles: int, pass_per_particle: float, state_per_particle: fl
             f"{mib(chunk * pass_b)} besides the population's {mib(state)}, but only {mib(budget)} is free. "
             f"Lower chunk_size to at most {fit}, or let it be chosen automatically (chunk_size 0 in the nodes).")
     return MemoryPlan(chunk, particles, pass_b, state_b, budget, False)
+
+
+@dataclass(frozen=True)
+class PassMemory:
+    """What one forward + backward pass holds above the weights, read off autograd while it runs.
+
+    The forward pass keeps every tensor saved for the backward pass (`saved`, counted as the copies the pack's
+    autograd keeps: nodes.autograd copies saved activations, because DiT blocks update them in place) and its
+    outputs; the inputs' gradients stay after it (`kept`). Beside those, the op at work holds at most
+    OP_TENSORS tensors no larger than the largest saved activation (`largest`): in the forward pass its input,
+    its output and the output's saved copy; in the backward pass the gradient flowing in, the one flowing out and
+    the op's temporary. The weights are resident before the pass and are not counted (copies of them made for an
+    op, casts to the compute dtype, are counted where they are saved). Every tensor takes whole pages.
+    """
+    saved: int
+    kept: int
+    largest: int
+
+    OP_TENSORS = 4
+    # The graph's own bookkeeping (autograd nodes, the interpreter's objects, small blocks the allocator cannot
+    # hand back): measured at 0.2 - 0.4 MiB above the tensors for the pack's tiny DiTs on the CPU (bench/).
+    BOOKKEEPING = MiB
+
+    @property
+    def peak(self) -> int:
+        return self.saved + self.kept + self.OP_TENSORS * self.largest + self.BOOKKEEPING
+
+
+def is_weight(t) -> bool:
+    """A model weight (nn.Parameter) or a view of one (a linear layer saves its weight transposed)."""
+    import torch
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+
+
+def measure_pass(fn, *inputs, blocks=()) -> PassMemory:
+    """Run fn(*inputs) forward and backward once (the inputs that require a gradient get one) and return what
+    the pass held: every tensor autograd saves, counted at its own size and saved as a copy, the way the pack runs
+    models with gradients. Weights (and views of them) are saved by reference there and here, and not counted.
+
+    `blocks` (torch modules called by fn, one after another) are counted as block checkpointing runs them: each
+    keeps only its inputs, and the backward pass recomputes one block at a time, holding that block's saves.
+    """
+    import torch
+
+    saved, largest = 0, 0
+    block_saves, block_inputs, since = [], 0, []
+
+    def pack(t: torch.Tensor):
+        nonlocal saved, largest
+        if is_weight(t):
+            return t
+        size = t.numel() * t.element_size()
+        saved += -(-size // PAGE) * PAGE  # the allocator hands out whole pages
+        if t.requires_grad:  # an activation; a saved constant (a weight cast for the op, a mask) has no gradient
+            largest = max(largest, size)
+        return t.clone()
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+    def enter(_module, args, kwargs):
+        nonlocal block_inputs
+        block_inputs += nbytes(list(args) + list(kwargs.values()))
+        since.append(saved)
+
+    def leave(_module, _args, _kwargs, _out):
+        block_saves.append(saved - since.pop())
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter, with_kwargs=True),
+                                         b.register_forward_hook(leave, with_kwargs=True))]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(o) and o.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    kept = nbytes(outs) + nbytes([t for t in inputs if torch.is_tensor(t) and t.requires_grad])
+    largest = max([largest] + [nbytes([o]) for o in outs])
+    if block_saves:  # block inputs instead of block activations, plus the one block being recomputed
+        saved = saved - sum(block_saves) + block_inputs + max(block_saves)
+    return PassMemory(saved, kept, largest)

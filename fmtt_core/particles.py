@@ -14,6 +14,7 @@ import torch
 
 from .clock import _bcast
 from .errors import FMTTInputError, FMTTNumericalError
+from .finite import Trace
 from .lookahead import Denoiser
 from .nfe import NFE
 
@@ -90,11 +91,13 @@ class ParticleLoop:
                                  "it must return D(x, t) with the same shape as x.")
         return d
 
-    def reward_of(self, y: torch.Tensor) -> torch.Tensor:
-        """Unscaled reward r(decode(y)) -> [B]."""
+    def reward_of(self, y: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """Unscaled reward r(decode(y)) -> [B]; `trace` records where rows stop being finite."""
         if self.decoder is not None:
             self.nfe.add("decoder", y.shape[0])
             y = self.decoder(y)
+            if trace is not None:
+                trace.check("decoder", y)
         self.nfe.add("reward", y.shape[0])
         r = self.reward(y)
         if r.shape != (y.shape[0],):
@@ -102,7 +105,15 @@ class ParticleLoop:
             if r.shape != (y.shape[0],):
                 raise FMTTInputError(f"the reward must return one value per particle, shape [{y.shape[0]}], "
                                      f"got {tuple(r.shape)}.")
+        if trace is not None:
+            trace.check("reward", r)
         return r
+
+    def look_ahead(self, x: torch.Tensor, t: torch.Tensor, trace: Trace, denoised=None) -> torch.Tensor:
+        """X_t,1(x), its rows checked: a flow map reads only x; a look-ahead built on D reads D too."""
+        y = self.lookahead(x, t, denoised=denoised, nfe=self.nfe)
+        trace.check("lookahead", y)
+        return y
 
     def _chunks(self, x: torch.Tensor):
         return x.split(self.chunk_size or x.shape[0])
@@ -120,13 +131,16 @@ class ParticleLoop:
 
     def evaluate_here(self, x: torch.Tensor, t: float, *, look: bool, grad_scale: float = 0.0):
         """evaluate() with this loop's own models, chunk by chunk."""
-        ds, rs, gs = [], [], []
+        ds, rs, gs, traces = [], [], [], []
         for xc in self._chunks(x):
             tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
+            trace = Trace(xc)
+            traces.append(trace)
             if grad_scale == 0.0:
                 with torch.no_grad():
                     d = self.denoise(xc, tc)
-                    r = self.reward_of(self.lookahead(xc, tc, denoised=d, nfe=self.nfe)) if look else None
+                    trace.check("model", d)
+                    r = self.reward_of(self.look_ahead(xc, tc, trace, denoised=d), trace) if look else None
                 ds.append(d)
                 rs.append(r)
                 continue
@@ -136,8 +150,9 @@ class ParticleLoop:
                 # flow map or companion it would hold a whole model's activations for nothing.
                 with torch.set_grad_enabled(self.lookahead.uses_denoised):
                     d = self.denoise(xg, tc)
+                trace.check("model", d)
                 lookahead_calls = self.nfe.lookahead
-                r = self.reward_of(self.lookahead(xg, tc, denoised=d, nfe=self.nfe))
+                r = self.reward_of(self.look_ahead(xg, tc, trace, denoised=d), trace)
                 ok = torch.isfinite(r)
                 # The backward pass goes through the look-ahead's model calls, and through D when reused.
                 traversed = self.nfe.lookahead - lookahead_calls
@@ -148,11 +163,14 @@ class ParticleLoop:
                 g = (torch.autograd.grad(objective, xg)[0] if objective.requires_grad
                      else torch.zeros_like(xg))
             g = g.detach()
+            trace.check("gradient", g)
             ok &= torch.isfinite(g.flatten(1)).all(1)
             g = torch.where(ok.reshape(-1, *([1] * (g.ndim - 1))), g, 0)
             ds.append(d.detach())
             rs.append(torch.where(ok, r.detach(), -math.inf))
             gs.append(self._clip(g))
+        # A stage that broke every particle is named here; rewards are counted population-wide (count_valid).
+        Trace.cat(traces).blame(t)
         r = _as_weights_input(torch.cat(rs)) if look else None
         return torch.cat(ds), r, (torch.cat(gs) if gs else None)
 
@@ -171,22 +189,27 @@ class ParticleLoop:
         return spread(self, x, lambda loop, rows: (loop.lookahead_reward_here(rows, t),))[0]
 
     def lookahead_reward_here(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        out = []
+        out, traces = [], []
         with torch.no_grad():
             for xc in self._chunks(x):
+                trace = Trace(xc)
+                traces.append(trace)
                 if t >= 1:
-                    out.append(self.reward_of(xc))
+                    out.append(self.reward_of(xc, trace))
                     continue
                 tc = torch.full((xc.shape[0],), float(t), dtype=x.dtype, device=x.device)
-                out.append(self.reward_of(self.lookahead(xc, tc, nfe=self.nfe)))
+                out.append(self.reward_of(self.look_ahead(xc, tc, trace), trace))
+        Trace.cat(traces).blame(t)
         return _as_weights_input(torch.cat(out))
 
     def final_rewards(self, x: torch.Tensor) -> torch.Tensor:
         """r(x1) of the final particles, float64 on the CPU, NaN where not finite (or no reward)."""
         if self.reward is None:
             return torch.full((x.shape[0],), math.nan, dtype=torch.float64)
+        traces = [Trace(xc) for xc in self._chunks(x)]
         with torch.no_grad():
-            r = torch.cat([self.reward_of(xc).double() for xc in self._chunks(x)]).cpu()
+            r = torch.cat([self.reward_of(xc, trace).double() for xc, trace in zip(self._chunks(x), traces)]).cpu()
+        Trace.cat(traces).blame(1.0)
         return torch.where(torch.isfinite(r), r, math.nan)
 
 

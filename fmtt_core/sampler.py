@@ -8,6 +8,8 @@ mode, and the chain (chain.py) that every sampler runs.
 """
 from __future__ import annotations
 
+import warnings
+
 from .chain import run_chain
 from .config import FMTTConfig
 from .lookahead import DenoiserLookahead
@@ -54,6 +56,31 @@ def push_factor(cfg: FMTTConfig) -> float:
     return 2.0 if cfg.mode == "exact" and cfg.weights == "doob" else 1.0
 
 
+def idle_steering(cfg: FMTTConfig, lam, times, particles: int) -> list[str]:
+    """Why these settings steer little or nothing (empty when they steer): said aloud, never a silent plain run."""
+    beta, steps = float(cfg.reward_scale), len(times) - 1
+    if beta == 0 and cfg.mode != "search":
+        return ["reward_scale is 0: the target is the base model's own distribution, so nothing is steered (plain "
+                "sampling with extra cost). Raise reward_scale."]
+    said = []
+    # The chain tilts step k by lambda_k beta grad r only when another step follows (t_{k+1} < 1) and eta > 0.
+    gradient = cfg.mode != "zero_order" and cfg.eta > 0 and any(
+        float(lam[k]) * beta > 0 and float(times[k + 1]) < 1 for k in range(steps))
+    if cfg.mode != "zero_order" and cfg.eta == 0:
+        said.append("eta is 0: the reward gradient acts through the noise, so it never moves a particle; only the "
+                    "weights and selections steer. Raise eta.")
+    elif cfg.mode != "zero_order" and not gradient:
+        said.append(f"with {steps} step(s) no step both carries the tilt (lambda > 0 after the first point) and is "
+                    "followed by another: the reward gradient never acts and no backward pass runs. Use 3 or more "
+                    "steps.")
+    if particles == 1:
+        said.append("1 particle: " + ("search has nothing to select from" if cfg.mode == "search" else
+                                      "weights and resampling have nothing to choose between")
+                    + ("; only the reward gradient steers." if gradient else ", and nothing else steers.")
+                    + " Use more particles.")
+    return said
+
+
 def fmtt_sample(denoiser, x_init, times, *, reward: RewardFn, config: FMTTConfig | None = None,
                 lookahead=None, decoder=None, callback=None, population: Population | None = None) -> FMTTResult:
     """Flow Map Trajectory Tilting. See the module docstring and FMTTConfig for the parameters.
@@ -71,6 +98,8 @@ def fmtt_sample(denoiser, x_init, times, *, reward: RewardFn, config: FMTTConfig
     lookahead = lookahead if lookahead is not None else DenoiserLookahead(denoiser)
     loop = ParticleLoop(denoiser, reward, decoder, lookahead, cfg.chunk_size, cfg.grad_clip)
     lam = tilt_values(cfg.tilt, times)
+    for why in idle_steering(cfg, lam, times, pop.size):
+        warnings.warn(f"FMTT: {why}", RuntimeWarning, stacklevel=2)
     rule = weight_rule(cfg, pop, lam, times, loop)
     tilt_scale = None if cfg.mode == "zero_order" else lam * float(cfg.reward_scale) * push_factor(cfg)
     return run_chain(loop, pop, x_init, times, cfg, rule, tilt_scale=tilt_scale,

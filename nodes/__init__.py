@@ -11,6 +11,8 @@ from .sampler_nodes import SAMPLER_NODES  # noqa: E402
 
 NODES = SAMPLER_NODES + FLOW_MAP_NODES + FEW_STEP_NODES + TRAINING_NODES + REWARD_NODES
 
+from .finite_outputs import register as _register_finite_outputs  # noqa: E402
 from .strict_inputs import register as _register_strict_inputs  # noqa: E402
 
 _register_strict_inputs(NODES)
+_register_finite_outputs(NODES)

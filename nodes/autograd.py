@@ -10,6 +10,8 @@ import comfy.model_management
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 
+from ..fmtt_core.memory import is_weight
+
 
 def _normal_weights(module: torch.nn.Module) -> None:
     """Replace inference-mode weights (ComfyUI loads models inside torch.inference_mode) by normal clones,
@@ -39,10 +41,11 @@ def _frozen(modules: list[torch.nn.Module]):
 
 def _clone_saved_activations():
     """DiT blocks update activations in place (x += ...) after autograd saved them; saving a copy keeps the
-    backward pass valid. Weights are never modified in place, so they are saved as they are."""
+    backward pass valid. Weights are never modified in place, so they are saved as they are, also as the views a
+    linear layer saves (its weight transposed): a copy of those would hold a second copy of the model's weights."""
 
     def pack(t: torch.Tensor):
-        return t if isinstance(t, torch.nn.Parameter) else t.clone()
+        return t if is_weight(t) else t.clone()
 
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 

@@ -26,11 +26,13 @@ from comfy_execution.utils import get_executing_context
 from server import PromptServer
 
 from ..fmtt_core import FMTTInputError, fmtt_sample
+from ..fmtt_core.finite import FMTTNonFiniteError, require_finite
 from ..fmtt_core.particles import SPREAD
 from . import memory_guard, multigpu
 from .autograd import differentiable, normal_tensor
 from .clocks import clock_of, core_denoiser, family_of, guided_parts
 from .decoding import vae_decoder
+from .finite_outputs import explain
 from .lookahead_specs import BaseModelLookahead, describe
 
 STREAM_NOISE, STREAM_SAMPLER, STREAM_PICK = 0, 1, 2
@@ -183,7 +185,11 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     sig = sigmas.detach().float().cpu()
     decode, vae_module = vae_decoder(settings.vae, base_model)
     spec = settings.lookahead if settings.lookahead is not None else BaseModelLookahead("denoiser")
-    plan = memory_guard.plan(settings, base_model, float(getattr(guider, "cfg", 1.0)), settings.vae, spec, x)
+    cfg = float(getattr(guider, "cfg", 1.0))
+    measured = (memory_guard.measured_bytes(settings, latent_model_fn(model, extra_args, 0), decode, base_model,
+                                            settings.vae, vae_module, cfg, x, sigmas)
+                if settings.needs_gradient() else None)
+    plan = memory_guard.plan(settings, base_model, cfg, settings.vae, spec, x, measured)
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))
     options = extra_args.get("model_options", {})
@@ -225,7 +231,11 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
             return run.run(companion)
 
     try:
-        return spec.run_with(base_model, x, sigmas, run.seed, body)
+        out = spec.run_with(base_model, x, sigmas, run.seed, body)
+        require_finite("step", out, 1.0)  # a picked particle that blew up is an error, never a result
+        return out
+    except FMTTNonFiniteError as err:
+        raise explain(err, getattr(guider, "cfg", None), spec) from None
     finally:
         diag.seconds = time.perf_counter() - started
         _announce(diag)

@@ -12,9 +12,11 @@ import comfy.utils
 import torch
 
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
+from ..fmtt_core.finite import FMTTNonFiniteError, broke_every, require_finite
 from .clocks import clock_of, core_denoiser, guided_parts
 from .comfy_sampler import initial_particles, latent_model_fn
 from .decoding import vae_decoder
+from .finite_outputs import explain
 from .lookahead_specs import LookaheadSpec
 
 
@@ -28,7 +30,7 @@ def check_spec(spec) -> None:
 def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=None, callback=None, disable=None):
     extra_args = dict(extra_args or {})
     seed = int(extra_args.get("seed") or 0)
-    _, base_model = guided_parts(model)
+    guider, base_model = guided_parts(model)
     clock = clock_of(base_model.model_sampling)
     if clock.kind != "flow":
         raise FMTTInputError("FMTT Flow-Map Sampler: the model is not a flow model; flow-map LoRAs are for FLUX.")
@@ -46,20 +48,29 @@ def sample_flow_map(spec, candidates, reward, vae, model, x, sigmas, extra_args=
             if not isinstance(look, FlowMapLookahead):
                 raise FMTTInputError("FMTT Flow-Map Sampler: the look-ahead is not a flow map.")
             z = initial_particles(model, x, b, candidates, seed, base_model, float(sigmas[0]))
+            require_finite("particles", z, times[0])
             for k in range(steps):
                 z_next = look.flow_map(z, torch.tensor(times[k]), torch.tensor(times[k + 1]))
+                require_finite("lookahead", z_next, times[k])  # every jump: a few steps leave no room for NaN
                 if callback is not None:
                     callback({"i": k, "denoised": z_next[:1], "x": z[:1], "sigma": sigmas[k], "sigma_hat": sigmas[k]})
                 elif pbar is not None:
                     pbar.update(1)
                 z = z_next
             if candidates > 1:  # best of N by the reward of the decoded images
-                scores = reward(decode(z)).reshape(-1)
-                z = z[int(torch.nan_to_num(scores.float(), nan=-float("inf")).argmax())][None]
+                images = decode(z)
+                require_finite("decoder", images, 1.0)
+                scores = torch.nan_to_num(reward(images).reshape(-1).float(), nan=-float("inf"), posinf=-float("inf"))
+                if not torch.isfinite(scores).any():
+                    raise broke_every("reward", candidates, 1.0)
+                z = z[int(scores.argmax())][None]
             outputs.append(z)
         return torch.cat(outputs).to(x.dtype)
 
-    return spec.run_with(base_model, x, sigmas, seed, body)
+    try:
+        return spec.run_with(base_model, x, sigmas, seed, body)
+    except FMTTNonFiniteError as err:
+        raise explain(err, getattr(guider, "cfg", None), spec) from None
 
 
 def flow_map_sampler(spec, candidates=1, reward=None, vae=None) -> comfy.samplers.KSAMPLER:

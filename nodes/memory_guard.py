@@ -1,26 +1,30 @@
-"""The memory guard: what one particle costs in this run, from ComfyUI's own memory estimates, and the chunk size
-that fits the free memory of the device the sampling runs on (the CPU's free RAM on a CPU).
+"""The memory guard: what one particle costs in this run, and the chunk size that fits the free memory of the
+device the sampling runs on (the CPU's free RAM on a CPU).
 
 One particle's pass, with the reward gradient, holds the activations of every model call the backward pass goes
 through (the look-ahead's, and the denoiser's when the look-ahead builds on it), of the VAE decode and of the
-reward; without the gradient only one call's. ComfyUI's estimates are for inference (model.memory_required,
-vae.memory_used_decode); a backward pass keeps a multiple of that, BACKWARD_KEEPS below. The arithmetic and the
-refusal live in fmtt_core.memory.
+reward. Those are measured, not guessed: one particle's model call and VAE decode run forward and backward once
+before sampling, and autograd says what they keep (fmtt_core.memory.measure_pass). Without the gradient a pass
+keeps one call's inference activations: ComfyUI's own estimates (model.memory_required,
+vae.memory_used_decode). The arithmetic and the refusal live in fmtt_core.memory.
 """
 from __future__ import annotations
 
 import os
 
 import comfy.model_management
+import torch
 
-from ..fmtt_core.memory import MemoryPlan, MiB, plan_chunks
-from .autograd import block_lists
+from ..fmtt_core.memory import MemoryPlan, MiB, measure_pass, plan_chunks
+from .autograd import block_lists, differentiable
 
 BUDGET_VAR = "FMTT_MEMORY_BUDGET_MB"  # caps the budget (a shared machine, a test); unset: all that is free
-BACKWARD_KEEPS = 6.0        # activations a backward pass keeps, in units of the inference peak ComfyUI estimates
-BACKWARD_KEEPS_BLOCKS = 2.0  # the same with block checkpointing: block inputs plus one block recomputed
 STATE_COPIES = 8            # particle-sized tensors a step keeps per particle (x, D, gradient, noise, ODE step, ...)
 REWARD_FLOOR = 16 * MiB     # the least a reward pass is assumed to cost per image
+# The old multiples of ComfyUI's inference estimate, kept for the flow-map training's memory estimate
+# (nodes/flow_map_training.py on main), which is not measured yet; sampling no longer uses them.
+BACKWARD_KEEPS = 6.0
+BACKWARD_KEEPS_BLOCKS = 2.0
 
 
 def budget(device) -> int:
@@ -57,23 +61,45 @@ def reward_bytes(reward) -> int:
     return max(REWARD_FLOOR, sum(t.numel() * t.element_size() for t in tensors) // 2)
 
 
-def particle_pass_bytes(settings, base_model, cfg: float, vae, spec, latent_shape) -> int:
-    """Bytes of one particle's pass through look-ahead, VAE decode and reward (with backward if steering)."""
+def inference_bytes(base_model, cfg: float, vae, latent_shape) -> int:
+    """ComfyUI's estimate of one particle's model call and VAE decode without gradients."""
     one = [1, *latent_shape[1:]]
     model = base_model.memory_required(one) * (2 if cfg != 1.0 else 1)  # cfg evaluates two conditionings
-    decode = vae.memory_used_decode(one, vae.vae_dtype)
+    return int(max(model, vae.memory_used_decode(one, vae.vae_dtype)))
+
+
+def measured_bytes(settings, model_call, decode, base_model, vae, vae_module, cfg: float, x: torch.Tensor,
+                   sigma: torch.Tensor) -> tuple[int, int]:
+    """(model call, VAE decode): the bytes one particle's call of each keeps for its backward pass at this run's
+    size, measured by running it once. A particle whose inference alone cannot fit is refused first, so that the
+    measurement itself always fits."""
+    plan_chunks(1, inference_bytes(base_model, cfg, vae, x.shape), 0, budget(x.device), lower=LOWER)
+    net = base_model.diffusion_model
+    blocks = ([b for blocks in block_lists(net).values() for b in blocks] if settings.block_checkpointing else [])
+    x1 = x[:1].detach().clone().requires_grad_()
+    with differentiable([net, vae_module], True):
+        call = measure_pass(lambda x1: model_call(x1, sigma[:1].to(x1.device)), x1, blocks=blocks)
+        dec = measure_pass(decode, x1)
+    return call.peak, dec.peak
+
+
+def particle_pass_bytes(settings, base_model, cfg: float, vae, spec, latent_shape, measured=None) -> int:
+    """Bytes of one particle's pass through look-ahead, VAE decode and reward (with backward if steering; then
+    `measured` is what measured_bytes returned)."""
     reward = reward_bytes(settings.reward)
     if not settings.needs_gradient():
-        return int(max(model, decode) + reward)
-    blocks = settings.block_checkpointing and bool(block_lists(base_model.diffusion_model))
-    keeps = BACKWARD_KEEPS_BLOCKS if blocks else BACKWARD_KEEPS
-    return int(model * keeps * _kept_model_calls(spec) + decode * BACKWARD_KEEPS + reward)
+        return inference_bytes(base_model, cfg, vae, latent_shape) + reward
+    model_call, decode = measured
+    return int(model_call * _kept_model_calls(spec) + decode + reward)
 
 
-def plan(settings, base_model, cfg: float, vae, spec, x) -> MemoryPlan:
+LOWER = ("use a cheaper look-ahead (fewer steps, checkpoint on), a TAESD VAE, block_checkpointing on, or mode "
+         "zero_order (no gradients)")
+
+
+def plan(settings, base_model, cfg: float, vae, spec, x, measured=None) -> MemoryPlan:
     """The chunk size for sampling `settings.particles` particles per latent of x, or FMTTMemoryError."""
     state = x[0].numel() * x.element_size() * STATE_COPIES
-    lower = ("use a cheaper look-ahead (fewer steps, checkpoint on), a TAESD VAE, block_checkpointing on, or "
-             "mode zero_order (no gradients)")
-    return plan_chunks(settings.particles, particle_pass_bytes(settings, base_model, cfg, vae, spec, x.shape),
-                       state, budget(x.device), settings.chunk_size or None, lower=lower)
+    return plan_chunks(settings.particles, particle_pass_bytes(settings, base_model, cfg, vae, spec, x.shape,
+                                                               measured),
+                       state, budget(x.device), settings.chunk_size or None, lower=LOWER)

@@ -2,7 +2,8 @@
 
 ComfyUI converts a widget value with int() / float() before it checks the value's range, so through the API 2.5
 for an integer widget runs as 2 and the string "3" as 3. This handler, run on every queued prompt before
-ComfyUI validates it, replaces such a value in the pack's nodes by a text saying what is wrong: ComfyUI's own
+ComfyUI validates it, replaces such a value (and NaN / inf, which pass ComfyUI's min / max comparisons) in the
+pack's nodes by a text saying what is wrong: ComfyUI's own
 conversion then refuses the prompt (HTTP 400) naming the input, and nothing runs with a value the user did not
 give. Values ComfyUI's frontend sends (plain JSON numbers) pass untouched.
 """
@@ -26,7 +27,9 @@ def value_problem(widget: io.Input, value) -> str | None:
     kind = "whole numbers" if integer else "numbers"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{value!r} is not a number; {widget.id} takes {kind} from {widget.min} to {widget.max}"
-    if integer and not (math.isfinite(value) and value == int(value)):
+    if not math.isfinite(value):  # NaN passes every min / max comparison: ComfyUI's range check lets it through
+        return f"{value!r} is not a finite number; {widget.id} takes {kind} from {widget.min} to {widget.max}"
+    if integer and value != int(value):
         return f"{value!r} is not a whole number; {widget.id} takes {kind} from {widget.min} to {widget.max}"
     return None
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from fmtt_core.flow_maps import conv_resnet as fmf
+from fmtt_testing.damaged_files import DAMAGES
 
 
 def tiny(seed=0):
@@ -72,3 +73,26 @@ def test_bad_files_name_the_problem(tmp_path):
     save_file(state, str(tmp_path / "v2.safetensors"), {**meta, "fmtt.version": "2"})
     with pytest.raises(fmf.FlowMapFileError, match="this pack reads version 1"):
         fmf.load_flow_map(tmp_path / "v2.safetensors")
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_files_get_the_packs_damaged_file_check(tmp_path, damage):
+    """The same check as the LoRA and reward files: the file named, what is wrong, and the fix."""
+    good = tmp_path / "good.safetensors"
+    fmf.save_flow_map(tiny(), good)
+    bad = tmp_path / f"{damage}.safetensors"
+    make, said = DAMAGES[damage]
+    bad.write_bytes(make(good.read_bytes()))
+    with pytest.raises(fmf.FlowMapFileError, match=said) as e:
+        fmf.load_flow_map(bad)
+    assert str(bad) in str(e.value) and "Download or copy it again" in str(e.value)
+
+
+def test_a_file_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    net = tiny()
+    with torch.no_grad():
+        net.blocks[1].conv2.weight[0, 0, 0, 0] = float("nan")
+    fmf.save_flow_map(net, tmp_path / "nan.safetensors")
+    with pytest.raises(fmf.FlowMapFileError, match=r"blocks\.1\.conv2\.weight hold NaN / inf") as e:
+        fmf.load_flow_map(tmp_path / "nan.safetensors")
+    assert "nan.safetensors" in str(e.value)

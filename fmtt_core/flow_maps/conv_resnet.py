@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import FMTTInputError
+from ..files import FMTTFileError, read_safetensors_header
 
 FORMAT, VERSION, ARCHITECTURE = "flow_map", "1", "conv_resnet"
 
@@ -100,14 +101,15 @@ def save_flow_map(net: ConvFlowMap, path: str | os.PathLike) -> None:
 
 def load_flow_map(path: str | os.PathLike) -> ConvFlowMap:
     """Read a flow map in the pack's format; errors say what is wrong with the file and what is expected."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = str(path)
     if not os.path.isfile(path):
         raise FlowMapFileError(f"flow map file '{path}' does not exist; put it in ComfyUI's models/fmtt_flow_maps/.")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+    try:  # the damaged-file check every model file of the pack gets (zero bytes, a bad header, a renamed text file)
+        meta = read_safetensors_header(path, what="flow-map file").get("__metadata__") or {}
+    except FMTTFileError as err:
+        raise FlowMapFileError(str(err)) from None
     if meta.get("fmtt.format") != FORMAT:
         raise FlowMapFileError(
             f"'{os.path.basename(path)}' is not an FMTT flow-map file (metadata fmtt.format is "
@@ -128,6 +130,11 @@ def load_flow_map(path: str | os.PathLike) -> ConvFlowMap:
     except RuntimeError as err:
         raise FlowMapFileError(f"'{os.path.basename(path)}': the tensors do not fit the declared config "
                                f"{net.config}: {err}") from err
+    broken = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:  # a NaN weight makes every look-ahead NaN: refuse the file, not the sampling it would spoil
+        raise FlowMapFileError(f"'{os.path.basename(path)}': tensor(s) {', '.join(broken[:4])} hold NaN / inf values; "
+                               "the file is damaged or was saved from a diverged training run. Re-export it from a "
+                               "finite checkpoint.")
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()

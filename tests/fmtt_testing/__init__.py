@@ -7,5 +7,6 @@
 - `comfy_prompts`: API-format prompts on the integration suite's tiny models, and reading their results.
 - `flux_flow_map_reference`: the diffusers reference of the FLUX flow-map LoRA (unit and integration tests).
 - `dist_tools`, `dist_worker`: a real gloo process group of N local processes for the distributed tests.
+- `damaged_files`: the ways a model file arrives damaged (zero bytes, a 2^40 header, a renamed text file, ...).
 - `comfy_pack`: inside the test ComfyUI server, the pack's modules as ComfyUI loaded them (`pack_module`).
 """

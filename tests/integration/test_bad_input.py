@@ -1,6 +1,9 @@
-"""Bad input to a real ComfyUI (see conftest.py): every out-of-range, non-integer, string or unknown value for
-every widget of every FMTT node is refused with HTTP 400 naming the input and its limit, once; cross-input
-problems and runs that cannot fit in memory fail with one clear message; and the server keeps serving."""
+"""Bad input to a real ComfyUI (see conftest.py): every out-of-range, non-integer, NaN, string or unknown value for
+every widget of every FMTT node is refused with HTTP 400 naming the input and its limit, once; every file-reading
+input refuses each kind of damaged model file naming the file and the fix; cross-input problems and runs that cannot
+fit in memory fail with one clear message; settings that steer nothing say so on the node; and the server keeps
+serving. The nodes and inputs tried come from the node schemas (the snapshot for the node list, checked against
+the live server; the live schemas for the inputs), so a new node or input cannot be left out."""
 from __future__ import annotations
 
 import base64
@@ -15,12 +18,12 @@ import urllib.parse
 import numpy as np
 import pytest
 
+from fmtt_testing import workflows as wt
+from fmtt_testing.damaged_files import DAMAGES
+
 pytestmark = pytest.mark.integration
 
-PACK_NODES = ["FMTTSampler", "FMTTKSampler", "FMTTDiagnostics", "FMTTBaseModelLookahead", "FMTTCompanionLookahead",
-              "FMTTFlowMapLookahead", "FMTTCLIPScoreReward", "FMTTPickScoreReward", "FMTTHPSv2Reward",
-              "FMTTAestheticReward", "FMTTImageReward", "FMTTVLMQuestionReward", "FMTTMaskReward",
-              "FMTTSymmetryReward", "FMTTCombineRewards", "FMTTFewStepLoRALookahead"]
+PACK_NODES = json.loads(wt.SNAPSHOT.read_text())["pack_nodes"]  # every node of the pack (test_comfyui keeps it live)
 _seeds = iter(range(7_000_000, 8_000_000))  # apart from the other test modules' seeds: no cached results
 
 # Nodes that provide each link type (their own inputs valid).
@@ -33,7 +36,11 @@ PROVIDERS = {
     "FMTT_REWARD": {"class_type": "FMTTSymmetryReward", "inputs": {"kind": "mirror_left_right", "angles": "90"}},
     "IMAGE": {"class_type": "LoadImage", "inputs": {"image": "tiny_image.png"}},
     "MASK": {"class_type": "LoadImageMask", "inputs": {"image": "tiny_mask.png", "channel": "red"}},
+    "FMTT_LOOKAHEAD": {"class_type": "FMTTFluxFlowMapLookahead", "inputs": {
+        "model": ["MODEL", 0], "lora_name": "tiny_flux_flowmap_lora.safetensors", "strength": 1.0, "jumps": 1,
+        "checkpoint": False}},
 }
+OPTIONAL_UNLINKED = {"FMTT_LOOKAHEAD"}  # an optional look-ahead stays unconnected (the base model's denoiser)
 
 
 def widget_value(spec):
@@ -43,7 +50,9 @@ def widget_value(spec):
         return options.get("default", kind[0] if kind else "")
     if kind == "COMBO":
         return options.get("default", (options.get("options") or [""])[0])
-    return options.get("default", {"INT": 0, "FLOAT": 0.0, "STRING": "a red cat", "BOOLEAN": True}.get(kind))
+    if kind == "STRING":  # an empty text is refused by the nodes that need one (a prompt, questions)
+        return options.get("default") or "a red cat"
+    return options.get("default", {"INT": 0, "FLOAT": 0.0, "BOOLEAN": True}.get(kind))
 
 
 def node_with_providers(prompt, key, node_type, object_info):
@@ -54,6 +63,10 @@ def node_with_providers(prompt, key, node_type, object_info):
         for name, spec in info.get(section, {}).items():
             kind = spec[0]
             if isinstance(kind, str) and kind in PROVIDERS:
+                if section == "optional" and kind in OPTIONAL_UNLINKED:
+                    continue
+                if kind == "FMTT_LOOKAHEAD" and "MODEL" not in prompt:
+                    prompt["MODEL"] = json.loads(json.dumps(PROVIDERS["MODEL"]))
                 if kind not in prompt:
                     prompt[kind] = json.loads(json.dumps(PROVIDERS[kind]))
                 inputs[name] = [kind, 0]
@@ -116,6 +129,7 @@ def bad_values(spec):
             cases += [(lo - 1, f"smaller than min of {lo}"), (lo + 0.5, f"whole numbers from {lo} to {hi}"),
                       (str(max(lo, 1)), f"whole numbers from {lo} to {hi}")]
     elif kind == "FLOAT":
+        cases += [(math.nan, "not a finite number")]  # NaN passes ComfyUI's own min / max comparisons
         if hi is not None:
             cases += [(hi + abs(hi) + 1.0, f"bigger than max of {hi}")]
         if lo is not None:
@@ -187,21 +201,23 @@ def test_memory_guard_refuses_what_cannot_fit_and_chooses_the_chunk_size(comfy, 
     assert status == "error" and "not enough memory" in error and "lower the image size" in error, error
     assert "MiB is free" in error
 
-    # Too many particles: the refusal names them and says how many fit.
-    status, error, _ = run_ksampler(comfy, object_info, size=128, particles=4096)
+    # Too many particles: the refusal names them and says how many fit. (At 256 x 256, 4096 particles' state alone
+    # is 2 GiB; one particle's pass is measured before sampling.)
+    status, error, _ = run_ksampler(comfy, object_info, size=256, particles=4096)
     assert status == "error" and "4096 particles need about" in error, error
     most = int(error.split("lower particles to at most ")[1].split(",")[0])
     assert 1 <= most < 4096
 
-    # A chunk size that does not fit is refused with the largest that does.
-    status, error, _ = run_ksampler(comfy, object_info, particles=64, chunk_size=64)
+    # A chunk size that does not fit is refused with the largest that does (at 128 x 128 the measured pass, the
+    # VAE decode's activations mostly, is far above 1500 / 64 MiB).
+    status, error, _ = run_ksampler(comfy, object_info, size=128, particles=64, chunk_size=64)
     assert status == "error" and "not enough memory for chunk_size 64" in error, error
     fit = int(error.split("Lower chunk_size to at most ")[1].split(",")[0])
     assert 1 <= fit < 64
 
     # Automatic: the largest chunk that fits, shown in the diagnostics; the run completes in chunks.
     particles = fit + 3
-    status, error, summary = run_ksampler(comfy, object_info, particles=particles)
+    status, error, summary = run_ksampler(comfy, object_info, size=128, particles=particles)
     assert status == "success", error
     chunk = int(summary.split("memory: chunk size ")[1].split(" ")[0])
     assert fit <= chunk < particles and f"of {particles} particles (automatic)" in summary, summary
@@ -289,7 +305,7 @@ def test_warnings_reach_the_summary_and_blown_up_results_are_flagged(comfy, obje
 
 
 def test_the_server_still_serves_a_normal_prompt(comfy, object_info):
-    status, error, summary = run_ksampler(comfy, object_info, particles=2)
+    status, error, summary = run_ksampler(comfy, object_info, particles=2, steps=3)
     assert status == "success", error
     assert "FMTT exact" in summary and not any(line.startswith("WARNING") for line in summary.splitlines())
     assert math.isfinite(float(summary.split("final reward best ")[1].split(",")[0]))
@@ -318,3 +334,95 @@ def test_damaged_reward_files_are_named_with_the_fix(comfy, object_info):
         assert error["node_type"] == "FMTTCLIPScoreReward", error
         assert str(file) in error["exception_message"] and said in error["exception_message"], error
         assert "Download or copy it again" in error["exception_message"], error
+
+
+def test_the_node_list_tried_here_is_the_live_servers(object_info):
+    assert wt.pack_nodes(object_info) == PACK_NODES, "a pack node is missing from the snapshot: refresh it"
+
+
+@pytest.fixture(scope="module")
+def damaged(comfy):
+    """Damaged copies of a good safetensors file, `damaged_<kind>.safetensors`, and the good file itself,
+    `intact.safetensors` (for a node's other file inputs), in every model folder (the pack's and ComfyUI's), and a
+    BERT tokenizer folder (ImageReward's other input); removed afterwards. In reward_models/ the intact file is an
+    aesthetic-predictor head: the one node with two file inputs reads its head first."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fmtt_rewards.aesthetic import AestheticMLP
+
+    models = comfy.base / "models"
+    good = (models / "fmtt_flow_maps" / "tiny_flow_map.safetensors").read_bytes()
+    written = []
+    for folder in (p for p in models.iterdir() if p.is_dir()):
+        for kind, (make, _) in DAMAGES.items():
+            path = folder / f"damaged_{kind}.safetensors"
+            path.write_bytes(make(good))
+            written.append(path)
+        (folder / "intact.safetensors").write_bytes(good)
+        written.append(folder / "intact.safetensors")
+    torch.manual_seed(0)
+    save_file(AestheticMLP(768).state_dict(), str(models / "reward_models" / "intact.safetensors"))
+    tokenizer = models / "reward_models" / "intact_tokenizer"
+    tokenizer.mkdir(exist_ok=True)
+    (tokenizer / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat"]))
+    yield comfy.get("/object_info")  # the live schemas, listing the damaged files
+    for path in written + [tokenizer / "vocab.txt"]:
+        path.unlink()
+    tokenizer.rmdir()
+
+
+def file_inputs(info: dict) -> list[str]:
+    """A node's inputs that read a model file: the combos whose options list the damaged files."""
+    return [name for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()
+            if f"damaged_{next(iter(DAMAGES))}.safetensors" in _options(spec)]
+
+
+def _options(spec) -> list:
+    if isinstance(spec[0], list):
+        return spec[0]
+    return (spec[1] if len(spec) > 1 else {}).get("options", []) if spec[0] == "COMBO" else []
+
+
+@pytest.mark.parametrize("node_type", PACK_NODES)
+def test_every_file_reading_input_names_a_damaged_file_and_the_fix(comfy, damaged, node_type):
+    info = damaged[node_type]
+    inputs = file_inputs(info)
+    # An input that says it takes a file from models/ must be one of them (a new file input cannot be skipped).
+    promised = [name for section in ("required", "optional") for name, spec in info["input"].get(section, {}).items()
+                if "models/" in (spec[1] if len(spec) > 1 else {}).get("tooltip", "")
+                and "folder" not in (spec[1] if len(spec) > 1 else {}).get("tooltip", "").lower()]
+    assert set(promised) <= set(inputs), (promised, inputs)
+    combos = {n: spec for section in ("required", "optional") for n, spec in info["input"].get(section, {}).items()
+              if _options(spec)}
+    for name in inputs:
+        for kind, (_, said) in DAMAGES.items():
+            p = prompt_for(node_type, damaged)
+            x = p["x"]["inputs"]
+            for other, spec in combos.items():  # the node's other files and folders: intact ones
+                x[other] = next((o for o in _options(spec) if str(o).startswith("intact")), x.get(other))
+            x[name] = f"damaged_{kind}.safetensors"
+            status, body = comfy.submit(p)
+            assert status == 200, body
+            entry = comfy.wait(body["prompt_id"])
+            error = next((d for k, d in entry["status"]["messages"] if k == "execution_error"), None)
+            assert error is not None, f"{node_type}.{name} = damaged_{kind}: the run succeeded"
+            message = error["exception_message"]
+            assert error["node_type"] == node_type, (node_type, name, kind, error["node_type"], message)
+            assert f"damaged_{kind}.safetensors" in message and said in message, (node_type, name, message)
+            assert "Download or copy it again" in message, (node_type, name, message)
+
+
+def test_settings_that_steer_nothing_say_so_on_the_node(comfy, object_info):
+    p = prompt_for("FMTTKSampler", object_info)
+    p["x"]["inputs"].update(particles=2, steps=2)  # the only tilted step is the last one: no gradient ever acts
+    p["summary"] = {"class_type": "PreviewAny", "inputs": {"source": ["x", 2]}}
+    frames = Frames(comfy.url)
+    try:
+        entry = comfy.wait(comfy.submit(p)[1]["prompt_id"])
+        shown = [(node, text) for node, text in node_texts(frames, 3.0) if "FMTT warnings" in text]
+    finally:
+        frames.close()
+    assert entry["status"]["status_str"] == "success"
+    assert shown and shown[0][0] == "x" and "no backward pass runs" in shown[0][1], shown
+    assert "no backward pass runs" in entry["outputs"]["summary"]["text"][0]
