@@ -54,12 +54,12 @@ def fmtt(case, look="flow map", **options):
     return sample
 
 
-def fk_diff(case):
+def fk_diff(case, **options):
     gm, reward, beta, kw, _, _ = bw.cases()[case]
 
     def sample(x0, seed):
         return fc.fk_steering(gm.denoiser, x0, fc.time_grid(REFERENCE[case]["steps"]), reward=reward,
-                              potential="diff", config=fc.FMTTConfig(reward_scale=beta, seed=seed, **kw))
+                              potential="diff", config=fc.FMTTConfig(reward_scale=beta, seed=seed, **kw, **options))
     return sample
 
 
@@ -91,11 +91,14 @@ HEAVY_TAILED = pytest.mark.xfail(strict=True, reason="finite-N bias of heavy-tai
 @pytest.mark.slow
 @pytest.mark.parametrize("case, rule", [
     pytest.param("ring", "twisted", marks=HEAVY_TAILED), ("ring", "zero_order"),
-    pytest.param("ring", "fk diff", marks=HEAVY_TAILED),
+    pytest.param("ring", "fk diff", marks=HEAVY_TAILED), ("ring", "fk diff, no resampling"),
     ("mix2d", "twisted"), ("mix2d", "zero_order"), ("mix2d", "fk diff")])
 def test_exact_rules_match_the_reweighted_chain(case, rule):
+    """FK diff with resampling off runs the ring with the xfail's seeds and N and passes (|z| 1.9 against 12.2
+    with resampling): the statistic and the reference are sound at this N; the xfail's bias comes with it."""
     sample = {"twisted": lambda: fmtt(case, weights="twisted"), "zero_order": lambda: fmtt(case, mode="zero_order"),
-              "fk diff": lambda: fk_diff(case)}[rule]()
+              "fk diff": lambda: fk_diff(case),
+              "fk diff, no resampling": lambda: fk_diff(case, ess_threshold=0.0)}[rule]()
     z = bias_z(case, sample)
     assert z <= Z_MAX, f"{rule} on {case}: bias {z:.1f} standard errors"
 
