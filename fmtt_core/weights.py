@@ -15,8 +15,9 @@ and two flags: `claims_weights` (its log-weights are importance weights of the t
 discretisation error). With lambda_k = tilt_values, beta = reward_scale, r_k = r(X_{t_k,1}(x_k)):
 
 Exact for the step count used (the weighted population targets (discretised base chain's law) *
-exp(beta r) at every grid as N grows; tests/test_core_weights_power.py, which also records a finite-N
-bias towards high reward on one target that is not yet explained: docs/weights.md):
+exp(beta r) at every grid as N grows; tests/test_core_weights_power.py. As N grows, not at every N: on a
+strong, narrow tilt the weights are heavy-tailed and the bias fades slowly, about N^-0.2, not 1/N:
+docs/weights.md):
   TwistedWeights    beta (lambda_k r_k - lambda_{k-1} r_{k-1}) + log [base / proposal kernel]: the
                     discrete-time Feynman-Kac weights of twisted SMC. They telescope to beta r(x1)
                     times the likelihood ratio of the base chain, for ANY look-ahead and any push

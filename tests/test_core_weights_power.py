@@ -8,8 +8,10 @@ committed (tests/data/weights_reference.json). The statistic is the largest |z| 
 variance of each coordinate and the weighted mean reward, z = (mean of R seeds - reference) /
 sqrt(sd^2 / R + se_ref^2). At 20 steps
 the base chain itself is 15 standard errors away from the continuous-time tilted law on the ring, so
-this reference, not the closed form, is what an exact rule must hit. N grows with the seeds: SMC's own
-O(1/N) bias must stay well under one standard error of the R-seed mean.
+this reference, not the closed form, is what an exact rule must hit. The standard error is the spread
+across seeds (it holds resampling's correlations). Pooling seeds does not shrink a run's own finite-N bias:
+where the weights are heavy-tailed (the ring at beta 2) that bias fades about as N^-0.2, not 1/N, and the
+test records it as a strict xfail (docs/weights.md).
 """
 import json
 import math
@@ -52,12 +54,12 @@ def fmtt(case, look="flow map", **options):
     return sample
 
 
-def fk_diff(case):
+def fk_diff(case, **options):
     gm, reward, beta, kw, _, _ = bw.cases()[case]
 
     def sample(x0, seed):
         return fc.fk_steering(gm.denoiser, x0, fc.time_grid(REFERENCE[case]["steps"]), reward=reward,
-                              potential="diff", config=fc.FMTTConfig(reward_scale=beta, seed=seed, **kw))
+                              potential="diff", config=fc.FMTTConfig(reward_scale=beta, seed=seed, **kw, **options))
     return sample
 
 
@@ -74,23 +76,45 @@ def test_reference_is_the_committed_chain():
 
 
 # Measured with these seeds (issue 19): two exact-by-construction rules miss the bar on the ring at beta 2, 20
-# steps, N 1000, both towards high reward (twisted 3.7, FK diff 12.2 standard errors; zero-order 1.4). Probes
-# (docs/weights.md) put it on the pushed / early-resampled populations, not on the reference: zero-order
-# without resampling matches it, and twisted's offset did not shrink from N 2000 to 8000 at 5 steps. Strict:
-# these fail until the cause is found, and the xfail must then be removed.
-UNEXPLAINED = pytest.mark.xfail(strict=True, reason="a finite-N bias towards high reward, cause not found (issue 19)")
+# steps, N 1000, both towards high reward (twisted 3.7, FK diff 12.2 standard errors; zero-order 1.4). Cause,
+# measured (docs/weights.md): a finite-N bias of heavy-tailed weights, not a wrong formula and not SMC's O(1/N)
+# bias. Without resampling FK diff is the reweighted base chain to the last digit (test below); the bias comes
+# with resampling, whatever the scheme, and shrinks only slowly with N (FK diff, mean of x: +0.072, 0.063,
+# 0.043, 0.033 at N 1k, 4k, 16k, 64k; twisted +0.027, 0.022, 0.013 at 1k, 4k, 16k): the intermediate
+# potentials (r at the denoiser / flow-map end point, sharp from the first step for FK diff) under-represent
+# the part of the target that the final correction must weight up. A test at the CI's N cannot pass honestly,
+# so these stay strict xfails: they turn into failures if a change makes the ring cases pass.
+HEAVY_TAILED = pytest.mark.xfail(strict=True, reason="finite-N bias of heavy-tailed weights on the ring at beta 2: "
+                                 "shrinks only slowly with N (docs/weights.md, issue 19)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, rule", [
-    pytest.param("ring", "twisted", marks=UNEXPLAINED), ("ring", "zero_order"),
-    pytest.param("ring", "fk diff", marks=UNEXPLAINED),
+    pytest.param("ring", "twisted", marks=HEAVY_TAILED), ("ring", "zero_order"),
+    pytest.param("ring", "fk diff", marks=HEAVY_TAILED), ("ring", "fk diff, no resampling"),
     ("mix2d", "twisted"), ("mix2d", "zero_order"), ("mix2d", "fk diff")])
 def test_exact_rules_match_the_reweighted_chain(case, rule):
+    """FK diff with resampling off runs the ring with the xfail's seeds and N and passes (|z| 1.9 against 12.2
+    with resampling): the statistic and the reference are sound at this N; the xfail's bias comes with it."""
     sample = {"twisted": lambda: fmtt(case, weights="twisted"), "zero_order": lambda: fmtt(case, mode="zero_order"),
-              "fk diff": lambda: fk_diff(case)}[rule]()
+              "fk diff": lambda: fk_diff(case),
+              "fk diff, no resampling": lambda: fk_diff(case, ess_threshold=0.0)}[rule]()
     z = bias_z(case, sample)
     assert z <= Z_MAX, f"{rule} on {case}: bias {z:.1f} standard errors"
+
+
+def test_without_resampling_fk_diff_is_the_reweighted_base_chain():
+    """FK diff's potentials telescope: with resampling off, its samples are the base chain's, to the last digit,
+    and its final weights are exp(beta r(x1)) normalised. So the ring's bias at N 1000 (xfail above) is not a
+    missing or wrong final weight; it comes with resampling on heavy-tailed weights."""
+    gm, reward, beta, kw, _, _ = bw.cases()["ring"]
+    x0 = torch.randn(500, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cfg = fc.FMTTConfig(reward_scale=beta, seed=4, ess_threshold=0.0, **kw)
+    fk = fc.fk_steering(gm.denoiser, x0, fc.time_grid(20), reward=reward, potential="diff", config=cfg)
+    base = fc.base_sample(gm.denoiser, x0, fc.time_grid(20), reward=reward, config=cfg)
+    assert fk.n_resamples == 0
+    assert torch.equal(fk.samples, base.samples)
+    torch.testing.assert_close(fk.weights, torch.softmax(beta * base.rewards, 0), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
