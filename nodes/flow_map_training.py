@@ -278,7 +278,7 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first.
     eval_batch = FlowMapTrainer(adapter, guided.teacher, draw, dataclasses.replace(
-        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH)).draw_batch()
+        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH, accumulate=1)).draw_batch()
     eval_rows = guided.rows
 
     def install():

@@ -154,6 +154,9 @@ def test_accumulation_gives_the_one_pass_run_and_a_batch_it_cannot_split_is_refu
     entry = families.run(training_prompt("fm_acc3", steps=2, batch_size=3, accumulate=2), timeout=600)
     assert entry["status"]["status_str"] == "error", entry["status"]
     assert "batch 3 does not split into 1 process(es) x 2 micro-batch(es)" in error_message(entry)
+    # an accumulation that does not divide the held-out batch (16 pairs) is not refused by it
+    assert len(report_of(ok(families.run(training_prompt("fm_acc4", steps=1, batch_size=3, accumulate=3),
+                                         timeout=600)))["losses"]) == 1
     ok(families.run(ksampler_prompt("sd15", fresh_seed())))
 
 
