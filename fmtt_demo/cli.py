@@ -221,6 +221,9 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--steps", type=_number(int, 1), default=d["steps"], help=f"total steps (default {d['steps']})")
     p.add_argument("--batch", type=_number(int, 1), default=d["batch"],
                    help=f"global batch, split over torchrun processes (default {d['batch']})")
+    p.add_argument("--accumulate", type=_number(int, 1), default=1,
+                   help="micro-batches per step on each process (gradient accumulation): the same global batch in "
+                        "--accumulate forward / backward passes, for less memory (default 1)")
     p.add_argument("--lr", type=_number(float, 0, strict=True), default=d["lr"],
                    help=f"AdamW learning rate (default {d['lr']})")
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"],
@@ -255,7 +258,8 @@ def run_distill(parser, args) -> int:
 
     torch.set_num_threads(args.threads)
     settings = DistillSettings(**{
-        **DIGITS_DEFAULTS, "objective": args.objective, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        **DIGITS_DEFAULTS, "objective": args.objective, "steps": args.steps, "batch": args.batch,
+        "accumulate": args.accumulate, "lr": args.lr,
         "ema_decay": args.ema_decay, "derivative_warmup_steps": args.derivative_warmup, "fd_step": args.fd_step,
         "derivative_grad": args.derivative_grad,
         "min_gap": args.min_gap, "both_directions": args.both_directions, "norm": args.norm, "seed": args.seed,

@@ -63,6 +63,7 @@ class Report:
     eval_loss: dict = field(default_factory=dict)         # {"step N": the objective on one fixed held-out batch}
     saved: list = field(default_factory=list)
     stopped_at: int | None = None
+    seconds_per_step: list = field(default_factory=list)  # wall time of each step run here (bench_train_node.py)
 
 
 def training_data(latents: list | None, positives: list, negative, width: int, height: int, channels: int,
@@ -98,7 +99,8 @@ def training_data(latents: list | None, positives: list, negative, width: int, h
 
 
 def check_memory(base_model, batch: int, shape: tuple, cfg: float, block_checkpointing: bool) -> None:
-    """Refuse a run whose step cannot fit: about 4 model calls' activations, one of them kept for the backward."""
+    """Refuse a run whose step cannot fit: about 4 model calls' activations on one micro-batch of `batch` rows, one
+    of them kept for the backward."""
     one = [batch, *shape]
     call = base_model.memory_required(one) * (2 if cfg != 1.0 else 1)
     keeps = memory_guard.BACKWARD_KEEPS_BLOCKS if block_checkpointing else memory_guard.BACKWARD_KEEPS
@@ -106,9 +108,9 @@ def check_memory(base_model, batch: int, shape: tuple, cfg: float, block_checkpo
     device = comfy.model_management.get_torch_device()
     free = memory_guard.budget(device)
     if need > free:
-        raise FMTTMemoryError(f"FMTT Train Flow Map: one training step needs about {mib(need)} (batch {batch} at "
-                              f"{shape[-1] * 8}x{shape[-2] * 8} px) but {mib(free)} is free. Lower batch_size (use "
-                              "accumulation for the same effective batch), lower the image size, or turn "
+        raise FMTTMemoryError(f"FMTT Train Flow Map: one training step needs about {mib(need)} (micro-batch {batch} at "
+                              f"{shape[-1] * 8}x{shape[-2] * 8} px) but {mib(free)} is free. Lower batch_size, or "
+                              "raise accumulate for the same batch in smaller passes, lower the image size, or turn "
                               "block_checkpointing on.")
 
 
@@ -209,7 +211,8 @@ def train(model, run: Run) -> Report:
         extra_args = dict(extra_args or {})
         guided = GuidedModel(lambda xc, sigma: m(xc, sigma, **extra_args), inner, base, run.data,
                              torch.zeros((1, *run.data.shape), device=x.device), run.settings.seed)
-        check_memory(base, run.settings.batch, run.data.shape, run.cfg, run.block_checkpointing)
+        check_memory(base, run.settings.batch // run.settings.accumulate, run.data.shape, run.cfg,
+                     run.block_checkpointing)
         adapter = TwoTimeAdapter.fresh(inner.model_patcher, run.rank, torch.Generator().manual_seed(run.settings.seed),
                                        os.path.basename(run.lora_path))
         with differentiable([base.diffusion_model], block_checkpointing=run.block_checkpointing):
@@ -231,10 +234,20 @@ class _NodeTrainer(FlowMapTrainer):
 
     on_save = None
     install = None
+    guided: GuidedModel = None
 
     def train_step(self):
         with self.install():
             return super().train_step()
+
+    def draw_batch(self):
+        # Each row's conditioning index travels with the row into its micro-batch (draw() has just set it).
+        return {**super().draw_batch(), "rows": self.guided.rows}
+
+    def loss(self, batch):
+        if "rows" in batch:  # held_out_objective sets guided.rows itself
+            self.guided.rows = batch["rows"]
+        return super().loss(batch)
 
     def save(self, path=None):
         out = super().save(path)
@@ -265,7 +278,7 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first.
     eval_batch = FlowMapTrainer(adapter, guided.teacher, draw, dataclasses.replace(
-        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH)).draw_batch()
+        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH, accumulate=1)).draw_batch()
     eval_rows = guided.rows
 
     def install():
@@ -288,9 +301,10 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     trainer = _NodeTrainer(adapter, guided.teacher, draw, run.settings, student=guided.student(adapter),
                            out_dir=run.state_dir, on_preview=record_errors,
-                           on_log=lambda rec: pbar.update_absolute(rec["step"], run.settings.steps),
+                           on_log=lambda rec: (report.seconds_per_step.append(rec["seconds_per_step"]),
+                                               pbar.update_absolute(rec["step"], run.settings.steps)),
                            identity={"base_model_hash": fingerprint, "family": adapter.family.name})
-    trainer.on_save, trainer.install = write, install
+    trainer.on_save, trainer.install, trainer.guided = write, install, guided
     if run.resume_from:
         trainer.resume(run.resume_from)  # refused when saved from another model (shapes, or the identity below)
     else:

@@ -72,6 +72,11 @@ class TrainFlowMapNode(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Needed when cfg > 1."),
                 io.Latent.Input("latents", optional=True, tooltip="Clean latents (Make Training Dataset, or VAE "
                                                                   "Encode); none: data-free from the prompt."),
+                # Added after the first release: the last widget, optional, so saved workflows keep their values.
+                io.Int.Input("accumulate", default=1, min=1, max=1024, optional=True,
+                             tooltip="Gradient accumulation: each step runs batch_size in this many equal "
+                                     "micro-batches (batch_size must be a multiple), the same update with the "
+                                     "memory of one micro-batch."),
             ],
             outputs=[io.String.Output(display_name="flow_map", tooltip="The file's name in models/fmtt_flow_maps/."),
                      io.Image.Output(display_name="loss_plot", tooltip="The per-step loss (log scale)."),
@@ -80,7 +85,7 @@ class TrainFlowMapNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, name, steps, rank, learning_rate, batch_size, objective, seed, cfg, save_every,
                 preview_every, resume, width, height, data_free_samples, block_checkpointing, negative=None,
-                latents=None) -> io.NodeOutput:
+                latents=None, accumulate=None) -> io.NodeOutput:
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731  (is_input_list: scalars come as lists)
         model, name, cfg = one(model), one(name), float(one(cfg))
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
@@ -104,6 +109,7 @@ class TrainFlowMapNode(io.ComfyNode):
         flow_maps = folder_paths.get_folder_paths(FLOW_MAPS)[0]
         os.makedirs(flow_maps, exist_ok=True)
         settings = DistillSettings(objective=one(objective), steps=one(steps), batch=one(batch_size),
+                                   accumulate=one(accumulate) if accumulate is not None else 1,
                                    lr=float(one(learning_rate)), seed=one(seed), save_every=one(save_every),
                                    preview_every=one(preview_every), log_every=1)
         run = Run(settings, one(rank), cfg, data, os.path.join(flow_maps, f"{name}.safetensors"), state_dir,

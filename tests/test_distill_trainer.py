@@ -1,6 +1,7 @@
 """The flow-map distillation loop (fmtt_core.flow_maps.trainer): it learns the closed-form toy's flow map, a run
-stopped and resumed from its saved state is bit for bit the uninterrupted run, bad resume files are refused, and
-2 gloo processes equal one process at the same global batch."""
+stopped and resumed from its saved state is bit for bit the uninterrupted run, bad resume files are refused,
+gradient accumulation over micro-batches equals one pass over the global batch, and 2 gloo processes equal one
+process at the same global batch."""
 import json
 
 import pytest
@@ -48,9 +49,9 @@ def _equal(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("objective", ["lsd", "psd"])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, objective):
-    cfg = settings(objective=objective, steps=12)
+@pytest.mark.parametrize("objective,accumulate", [("lsd", 1), ("psd", 1), ("lsd", 4), ("psd", 2)])
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tmp_path, objective, accumulate):
+    cfg = settings(objective=objective, steps=12, accumulate=accumulate)
     torch.manual_seed(99)
     straight = FlowMapTrainer(Student(dropout=0.1), teacher, data, cfg, out_dir=tmp_path / "a")
     straight.run()
@@ -69,6 +70,60 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bit_for_bit(tm
     module, ema, opt, gen, rng = _state(second)
     assert _equal(module, reference[0]) and _equal(ema, reference[1]) and _equal(opt, reference[2])
     assert torch.equal(gen, reference[3]) and torch.equal(rng, reference[4])
+
+
+def _sgd_run(objective, accumulate, calls):
+    """5 steps of plain SGD (no clipping): unlike Adam, its update scales with the gradient, so a wrongly scaled
+    accumulated gradient shows. `calls` records the rows of every student call."""
+    module = Student()
+
+    def student(x, s, t):
+        calls.append(x.shape[0])
+        return module(x, s, t)
+
+    trainer = FlowMapTrainer(module, teacher, data, settings(objective=objective, steps=5, batch=8, grad_clip=0.0,
+                                                             accumulate=accumulate),
+                             student=student, optimizer=torch.optim.SGD(module.parameters(), lr=0.05))
+    return trainer, trainer.run()
+
+
+@pytest.mark.parametrize("objective", ["lsd", "psd"])
+@pytest.mark.parametrize("accumulate", [2, 4, 8])
+def test_accumulated_run_equals_the_unaccumulated_run_at_the_same_global_batch(objective, accumulate):
+    whole_calls, micro_calls = [], []
+    whole, whole_losses = _sgd_run(objective, 1, whole_calls)
+    micro, micro_losses = _sgd_run(objective, accumulate, micro_calls)
+    # Each forward saw one micro-batch (that is what lowers the memory), and the micro-batches cover the batch.
+    assert set(whole_calls) == {8} and set(micro_calls) == {8 // accumulate}
+    assert len(micro_calls) == accumulate * len(whole_calls)
+    assert torch.allclose(torch.tensor(micro_losses), torch.tensor(whole_losses), rtol=1e-5, atol=1e-7)
+    for k, v in whole.module.state_dict().items():
+        assert torch.allclose(micro.module.state_dict()[k], v, rtol=1e-5, atol=1e-7), k
+    for k, v in whole.ema.state_dict().items():
+        assert torch.allclose(micro.ema.state_dict()[k], v, rtol=1e-5, atol=1e-7), k
+    # The weights did move (else equality would say nothing about the gradients).
+    assert not torch.allclose(whole.module.state_dict()["net.0.weight"], Student().state_dict()["net.0.weight"])
+
+
+def test_micro_batches_partition_the_global_batch():
+    trainer = FlowMapTrainer(Student(), teacher, data, settings(objective="psd", batch=12, accumulate=3))
+    batch = trainer.draw_batch()
+    parts = trainer.micro_batches(batch)
+    assert [p["x_s"].shape[0] for p in parts] == [4, 4, 4]
+    for k in ("x_s", "s", "t", "r"):
+        assert torch.equal(torch.cat([p[k] for p in parts]), batch[k])
+
+
+def test_resume_may_change_the_accumulation(tmp_path):
+    straight = FlowMapTrainer(Student(), teacher, data, settings(steps=6), out_dir=tmp_path / "a")
+    straight.run()
+    first = FlowMapTrainer(Student(), teacher, data, settings(steps=6), out_dir=tmp_path / "b")
+    first.run(should_stop=lambda: first.step >= 3)
+    second = FlowMapTrainer(Student(), teacher, data, settings(steps=6, accumulate=4), out_dir=tmp_path / "b")
+    second.resume(tmp_path / "b")
+    second.run()
+    assert second.losses[:3] == straight.losses[:3]
+    assert torch.allclose(torch.tensor(second.losses), torch.tensor(straight.losses), rtol=1e-5, atol=1e-7)
 
 
 def test_state_file_is_safetensors_with_a_json_header(tmp_path):
@@ -128,15 +183,21 @@ def test_a_diverging_run_stops_before_the_step_with_the_weights_intact(tmp_path)
 def test_bad_settings_are_refused():
     with pytest.raises(FMTTInputError, match="objective"):
         FlowMapTrainer(Student(), teacher, data, settings(objective="esd"))
+    with pytest.raises(FMTTInputError, match=r"batch 6 does not split into 1 process\(es\) x 4 micro-batch\(es\); "
+                                             "use a multiple of 4"):
+        FlowMapTrainer(Student(), teacher, data, settings(batch=6, accumulate=4))
+    with pytest.raises(FMTTInputError, match="accumulate must be an integer >= 1"):
+        FlowMapTrainer(Student(), teacher, data, settings(accumulate=0))
     with pytest.raises(FMTTInputError, match="no trainable parameters"):
         FlowMapTrainer(Student().requires_grad_(False), teacher, data, settings())
 
 
-def test_two_gloo_processes_equal_one_process_at_the_same_global_batch(tmp_path):
-    args = {"steps": 6, "batch": 8}
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_gloo_processes_equal_one_process_at_the_same_global_batch(tmp_path, accumulate):
+    args = {"steps": 6, "batch": 8, "accumulate": accumulate}
     ranks = results_of(launch("distill", 2, tmp_path, args=args, timeout=120))
     module = Student()
-    trainer = FlowMapTrainer(module, teacher, data, settings(**args))
+    trainer = FlowMapTrainer(module, teacher, data, settings(**{**args, "accumulate": 1}))
     one = torch.tensor(trainer.run(), dtype=torch.float64)
     for r in ranks:
         assert torch.allclose(r["losses"], one, rtol=1e-5, atol=1e-7), (r["losses"], one)

@@ -14,6 +14,12 @@ Data-parallel (torchrun, DDP). With a torch.distributed process group of W ranks
 batch from the same generator and keeps its own B / W rows; gradients are averaged over the ranks before the step.
 The update equals one process on the whole batch (up to the order of floating-point sums), and every rank holds
 the same weights and state, which rank 0 saves.
+
+Gradient accumulation. With `accumulate` = A, each rank's rows are split into A equal micro-batches, each taking its
+forward and backward pass in turn with its loss scaled by 1 / A: the gradients sum to those of the mean loss over
+the whole global batch, so the step is the un-accumulated one (up to the order of floating-point sums) while the
+activations held at once are one micro-batch's. The global batch is still drawn in one piece from the generator, so
+the random draws, and hence the run, do not depend on A.
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ from .distill import derivative_warmup, diagonal_loss, lsd_loss, psd_loss, sampl
 STATE_FORMAT = "fmtt flow-map trainer state v1"
 OBJECTIVES = ("lsd", "psd")
 # Settings a resumed run may change without leaving the uninterrupted run's path.
-RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "preview_every")
+# `accumulate` only splits the same global batch (the update changes by the order of float sums, no more): a run
+# that ran out of memory may resume with more micro-batches.
+RESUMABLE_CHANGES = ("steps", "save_every", "log_every", "preview_every", "accumulate")
 
 DataSource = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> clean data x1 [n, ...]
 
@@ -46,6 +54,7 @@ class DistillSettings:
     objective: str = "lsd"            # "lsd" | "psd" (PSD + the diagonal term u(x, t, t) = b_t(x))
     steps: int = 1000                 # total optimiser steps of the run (a resumed run may raise it)
     batch: int = 64                   # global batch (split over data-parallel ranks)
+    accumulate: int = 1               # micro-batches per step on each rank (gradient accumulation)
     lr: float = 1e-4
     lr_warmup_steps: int = 0          # linear learning-rate warmup, then constant
     weight_decay: float = 0.0
@@ -66,7 +75,7 @@ class DistillSettings:
     def check(self) -> DistillSettings:
         if self.objective not in OBJECTIVES:
             raise FMTTInputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}.")
-        for name in ("steps", "batch"):
+        for name in ("steps", "batch", "accumulate"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
                 raise FMTTInputError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
         if not self.lr > 0:
@@ -121,13 +130,17 @@ class FlowMapTrainer:
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world = dist.get_world_size(group) if group is not None else 1
-        if self.settings.batch % self.world:
-            raise FMTTInputError(f"batch {self.settings.batch} does not split over {self.world} processes; use a "
-                                 f"multiple of {self.world}.")
+        parts = self.world * self.settings.accumulate
+        if self.settings.batch % parts:
+            raise FMTTInputError(f"batch {self.settings.batch} does not split into {self.world} process(es) x "
+                                 f"{self.settings.accumulate} micro-batch(es); use a multiple of {parts}.")
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        per = x.shape[0] // self.world
-        return x[self.rank * per:(self.rank + 1) * per]
+    def micro_batches(self, batch: dict) -> list[dict]:
+        """This rank's rows of the global batch, in `accumulate` equal micro-batches (every entry is per row)."""
+        per = self.settings.batch // (self.world * self.settings.accumulate)
+        first = self.rank * self.settings.accumulate
+        return [{k: v[(first + i) * per:(first + i + 1) * per] for k, v in batch.items()}
+                for i in range(self.settings.accumulate)]
 
     def _average_over_ranks(self, tensors: list[torch.Tensor]) -> None:
         if self.world == 1:
@@ -161,28 +174,35 @@ class FlowMapTrainer:
         return batch
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The objective's mean over the rows of `batch` (one micro-batch, or any slice of a drawn batch)."""
         st = self.settings
-        x_s, s, t = (self._rows(batch[k]) for k in ("x_s", "s", "t"))
+        x_s, s, t = batch["x_s"], batch["s"], batch["t"]
         if st.objective == "lsd":
             return lsd_loss(self.student, self.teacher, x_s, s, t, fd_step=st.fd_step, norm=st.norm,
                             derivative_grad=st.derivative_grad,
                             derivative_weight=derivative_warmup(self.step, st.derivative_warmup_steps))
         diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm)
         psd, stats = psd_loss(self.student, x_s, s, t, generator=self.generator, norm=st.norm,
-                              midpoint=self._rows(batch["r"]))
+                              midpoint=batch["r"])
         loss = diag + psd
         return loss, {**stats, "loss": float(loss.detach()), "diagonal": float(diag.detach())}
 
     def train_step(self) -> dict:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss, stats = self.loss(self.draw_batch())
         self.optimizer.zero_grad(set_to_none=False)
-        loss.backward()
+        parts = self.micro_batches(self.draw_batch())
+        total, stats = 0.0, {}
+        for part in parts:  # equal sizes: the mean over the rank's rows is the mean of the micro-batch means
+            loss, part_stats = self.loss(part)
+            (loss / len(parts)).backward()
+            total = total + loss.detach() / len(parts)
+            for k, v in part_stats.items():
+                stats[k] = stats.get(k, 0.0) + v / len(parts)
         for p in self.params:
             if p.grad is None:  # a parameter this step did not reach: a zero gradient keeps ranks in step
                 p.grad = torch.zeros_like(p)
-        global_loss = loss.detach().clone().reshape(1)
+        global_loss = total.reshape(1)
         self._average_over_ranks([p.grad for p in self.params] + [global_loss])
         stats["loss"] = float(global_loss)  # the mean over the global batch, the same on every rank
         if not math.isfinite(stats["loss"]):  # checked before the step, so the weights and the last save stay usable

@@ -142,6 +142,24 @@ def test_cancel_keeps_a_state_that_resumes_exactly(families):  # noqa: F811
     assert resumed["losses"] == whole, (cut, resumed["losses"], whole)  # the same curve, bit for bit on the CPU
 
 
+def test_accumulation_gives_the_one_pass_run_and_a_batch_it_cannot_split_is_refused(families):  # noqa: F811
+    """accumulate 2 runs batch 4 as 2 passes of 2 (the core trainer's micro-batches, each row with its own
+    conditioning): the same losses to float tolerance; batch 3 in 2 micro-batches is refused, the server serves on."""
+    whole = report_of(ok(families.run(training_prompt("fm_acc1", steps=4, batch_size=4), timeout=600)))["losses"]
+    micro = report_of(ok(families.run(training_prompt("fm_acc2", steps=4, batch_size=4, accumulate=2),
+                                      timeout=600)))["losses"]
+    # float32 kernels round differently at batch 2 and 4, and LSD's finite difference (step 5e-3) amplifies that
+    # ~200x in the residual, so near-zero losses agree to ~1e-7 absolute, not relatively
+    assert len(micro) == 4 and micro == pytest.approx(whole, rel=1e-4, abs=1e-6), (micro, whole)
+    entry = families.run(training_prompt("fm_acc3", steps=2, batch_size=3, accumulate=2), timeout=600)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    assert "batch 3 does not split into 1 process(es) x 2 micro-batch(es)" in error_message(entry)
+    # an accumulation that does not divide the held-out batch (16 pairs) is not refused by it
+    assert len(report_of(ok(families.run(training_prompt("fm_acc4", steps=1, batch_size=3, accumulate=3),
+                                         timeout=600)))["losses"]) == 1
+    ok(families.run(ksampler_prompt("sd15", fresh_seed())))
+
+
 def _saved_step(path: Path) -> int:
     from safetensors import safe_open
     try:
@@ -154,6 +172,10 @@ def _saved_step(path: Path) -> int:
 @pytest.mark.parametrize("case, expected", [
     ("resume_other_model", "saved from another model"),
     ("too_big", "Lower batch_size"),
+    # A tiny SD1.5 InstructPix2Pix UNet (tiny_unets.py): a model class ComfyUI loads and samples, but not a family the
+    # two-time model knows; refused before anything is trained or written.
+    ("unsupported_family", "two-time flow maps are not available for the SD15_instructpix2pix model: they are "
+                           "implemented for SD1.5 (eps and v), SDXL"),
 ])
 def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expected):  # noqa: F811
     if case == "resume_other_model":
@@ -162,10 +184,18 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(families, case, expec
         p["loader"]["inputs"]["ckpt_name"] = "tiny_sdxl.safetensors"  # another model under the same run name
         p["positive"]["inputs"]["context_dim"] = 2048
         p["positive"]["inputs"]["pooled_dim"] = 1280
+    elif case == "unsupported_family":
+        p = training_prompt("fm_ip2p", steps=2)
+        p["ip2p"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd15_ip2p_unet.safetensors",
+                                                            "weight_dtype": "default"}}
+        p["train"]["inputs"]["model"] = ["ip2p", 0]
     else:
         p = training_prompt("fm_huge", steps=2, width=4096, height=4096, batch_size=1024)
     entry = families.run(p, timeout=600)
     assert entry["status"]["status_str"] == "error" and expected in error_message(entry), error_message(entry)
+    if case == "unsupported_family":
+        assert not (families.base / "output" / "fmtt_flow_map_runs" / "fm_ip2p").exists()  # refused before any run
+        assert not (families.base / "models" / "fmtt_flow_maps" / "fm_ip2p.safetensors").exists()
     ok(families.run(ksampler_prompt("sd15", fresh_seed())))
 
 

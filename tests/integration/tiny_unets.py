@@ -15,6 +15,8 @@ Writes, under BASE_DIR/models:
   checkpoints/tiny_sdxl.safetensors          SDXL UNet + a 4-channel TAESD as its VAE
   diffusion_models/tiny_sd15_unet.safetensors  the SD1.5 UNet alone (UNETLoader)
   diffusion_models/tiny_sd35.safetensors     an SD3.5-style MMDiT (RMS q/k norm), for UNETLoader
+  diffusion_models/tiny_sd15_ip2p_unet.safetensors  the SD1.5 UNet with 8 input channels: ComfyUI detects it as
+                                             SD15_instructpix2pix, a family the flow-map trainer does not support
   loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" LoRA)
   diffusion_models/tiny_sdxl_lightning_unet.safetensors  the SDXL UNet with that LoRA merged (a Lightning UNet)
 and BASE_DIR/input/tiny_dataset/: three 64x64 images (the flow-map training workflow's dataset folder).
@@ -37,12 +39,13 @@ def _tiny_models():
     return module
 
 
-def unet(family: str, seed: int):
-    """A random UNet that ComfyUI detects as `family` ("sd15" or "sdxl")."""
+def unet(family: str, seed: int, in_channels: int = 4):
+    """A random UNet that ComfyUI detects as `family` ("sd15" or "sdxl"; with in_channels 8, its InstructPix2Pix
+    variant)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules import openaimodel
-    common = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
-                  legacy=False, operations=comfy.ops.disable_weight_init)
+    common = dict(image_size=32, in_channels=in_channels, out_channels=4, model_channels=320,
+                  use_spatial_transformer=True, legacy=False, operations=comfy.ops.disable_weight_init)
     if family == "sd15":
         net = openaimodel.UNetModel(**common, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
                                     transformer_depth_output=[1, 1], transformer_depth_middle=0, context_dim=768,
@@ -129,6 +132,8 @@ def main(comfy_path: str, base: str):
     save_file(half(merged(sdxl.state_dict(), lightning)),
               models / "diffusion_models" / "tiny_sdxl_lightning_unet.safetensors")
     save_file(mmdit(14).state_dict(), models / "diffusion_models" / "tiny_sd35.safetensors")
+    save_file(unet("sd15", 15, in_channels=8).state_dict(),
+              models / "diffusion_models" / "tiny_sd15_ip2p_unet.safetensors")
     dataset(Path(base) / "input" / "tiny_dataset")
 
 
