@@ -186,7 +186,9 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     decode, vae_module = vae_decoder(settings.vae, base_model)
     spec = settings.lookahead if settings.lookahead is not None else BaseModelLookahead("denoiser")
     cfg = float(getattr(guider, "cfg", 1.0))
-    measured = (memory_guard.measured_bytes(settings, latent_model_fn(model, extra_args, 0), decode, base_model,
+    # Measured on the main device alone: ComfyUI's MultiGPU path would send the probe to a clone under no_grad.
+    one_device = {**extra_args, "model_options": multigpu.without_multigpu(extra_args.get("model_options", {}))}
+    measured = (memory_guard.measured_bytes(settings, latent_model_fn(model, one_device, 0), decode, base_model,
                                             settings.vae, vae_module, cfg, x, sigmas)
                 if settings.needs_gradient() else None)
     plan = memory_guard.plan(settings, base_model, cfg, settings.vae, spec, x, measured)
