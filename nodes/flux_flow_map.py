@@ -31,7 +31,7 @@ from comfy.ldm.flux.layers import timestep_embedding
 from ..fmtt_core import FlowMapLookahead, FMTTInputError
 from ..fmtt_core.flow_maps import TwoTimeLoRA, average_embeddings, inspect_two_time_lora, jump_from_denoiser
 from .lookahead_specs import BesideTheWeights
-from .side_lora import SideLoRA
+from .side_lora import SideLoRA, forwards_replaced
 
 EMBEDDERS = {"timestep_embedder": "time_in", "guidance_embedder": "guidance_in", "text_embedder": "vector_in"}
 _SIGMA_NEXT: contextvars.ContextVar = contextvars.ContextVar("fmtt_flux_flow_map_sigma_next", default=None)
@@ -136,20 +136,10 @@ class FluxFlowMapPatch:
                                  "sampled; connect the same FLUX.1-dev MODEL to both.")
         dm = base_model.diffusion_model
         device = device if device is not None else comfy.model_management.get_torch_device()
-        saved = []
-        for embedder, copy in self._second_embedders(dm, device).items():
-            module = getattr(dm, embedder)
-            saved.append((module, module.__dict__.get("forward")))
-            module.forward = _dual_forward(module.forward, copy, embedder == "time_in")
-        try:
-            with self.lora.installed(base_model, device):
-                yield
-        finally:
-            for module, before in reversed(saved):
-                if before is None:
-                    del module.forward
-                else:
-                    module.forward = before
+        dual = {getattr(dm, embedder): lambda forward, copy=copy, embedder=embedder: _dual_forward(
+            forward, copy, embedder == "time_in") for embedder, copy in self._second_embedders(dm, device).items()}
+        with forwards_replaced(dual), self.lora.installed(base_model, device):
+            yield
 
     @contextlib.contextmanager
     def active(self, sigma_next: torch.Tensor):

@@ -209,21 +209,12 @@ class SideLoRA:
         device = device if device is not None else comfy.model_management.get_torch_device()
         dtype = base_model.get_dtype_inference()
         dtype = dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
-        saved = []
         with torch.inference_mode(False):
             on_device = {path: [p.to(device, dtype) for p in pieces] for path, pieces in self.pieces.items()}
-        try:
-            for path, pieces in on_device.items():
-                module = dm.get_submodule(path)
-                saved.append((module, module.__dict__.get("forward")))
-                module.forward = _side_forward(self, module.forward, pieces, module.weight.shape[0])
+        modules = {path: dm.get_submodule(path) for path in on_device}
+        with forwards_replaced({modules[path]: lambda forward, path=path: _side_forward(
+                self, forward, on_device[path], modules[path].weight.shape[0]) for path in on_device}):
             yield
-        finally:
-            for module, before in reversed(saved):
-                if before is None:
-                    del module.forward
-                else:
-                    module.forward = before
 
     @contextlib.contextmanager
     def active(self):
@@ -290,3 +281,21 @@ def _lora_piece(file_name, layer, adapter, weight, strength, rows, function, mod
                             "for another model (or size). Use a LoRA made for the sampled model.")
     scale = (alpha / rank if alpha is not None else 1.0) * strength
     return _Piece(down, up, scale, rows=rows, function=function, conv=conv)
+
+
+@contextlib.contextmanager
+def forwards_replaced(wrappers: dict):
+    """Inside: each module's forward is wrapper(its forward); afterwards exactly what it was (an instance-level
+    forward put back, the class's forward uncovered), so no hook outlives the sampling run."""
+    saved = []
+    try:
+        for module, wrap in wrappers.items():
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = wrap(module.forward)
+        yield
+    finally:
+        for module, before in reversed(saved):
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before
