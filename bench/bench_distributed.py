@@ -108,7 +108,7 @@ def worker(workload: str, quick: bool, out: Path) -> None:
         (out / "stats.json").write_text(json.dumps({
             "wall_s": float(wall), "comm_s": pop.stats.seconds, "bytes_sent": pop.stats.bytes_sent,
             "rows_received": pop.stats.rows_received, "resamples": res.n_resamples}))
-    dist.destroy_process_group()
+    fd.leave(0)
 
 
 # ----------------------------------------------------------------------------------- driver

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -63,6 +64,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.group.WORLD
+
+
+def leave(exit_code: int = 0):
+    """End a torchrun process cleanly and exit: every rank meets at a barrier (so no peer is still
+    talking), the group is destroyed, and the process ends without Python's interpreter finalization.
+
+    Why not a plain return: gloo's worker threads can still be torn down during finalization, and then
+    the process aborts (SIGABRT, "terminate called without an active exception") after all its work
+    was done and written; torchrun would report a finished job as failed. Output is flushed first.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def comm_device(group=None) -> torch.device:

@@ -278,8 +278,8 @@ def run_distill(parser, args) -> int:
         print(f"\nwrote {args.out}/flow_map.safetensors, state.safetensors, metrics.json; run FMTT with it: "
               f"fmtt demo --weights {args.out}")
     if group is not None:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        from fmtt_core.distributed import leave
+        leave(0)
     return 0
 
 
@@ -331,8 +331,8 @@ def main(argv=None) -> int:
             paths = write_results(runs, settings, args.out)
             print("\nwrote " + ", ".join(str(p) for p in paths.values()))
         if group is not None:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            from fmtt_core.distributed import leave
+            leave(0)
     return 0
 
 
