@@ -134,8 +134,8 @@ class TrainedFlowMapLookaheadNode(io.ComfyNode):
             node_id="FMTTTrainedFlowMapLookahead", display_name="FMTT Look-ahead (trained flow map)",
             category=CATEGORY,
             description="Look-ahead with a flow map made by FMTT Train Flow Map for this model (SD1.5, SDXL, FLUX.1, "
-                        "SD3): the sampled model with the map's LoRA and second time embedder, active only during "
-                        "look-ahead calls; 1 model call per jump.",
+                        "SD3, Z-Image): the sampled model with the map's LoRA and second time embedder, active only "
+                        "during look-ahead calls; 1 model call per jump.",
             inputs=[io.Model.Input("model", tooltip="The model the map was trained on, as the sampler gets it."),
                     io.Combo.Input("flow_map", options=flow_map_files(),
                                    tooltip="A file FMTT Train Flow Map wrote to models/fmtt_flow_maps/."),

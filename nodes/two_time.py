@@ -10,6 +10,7 @@ family         ComfyUI config       copied embedder(s)                          
 SD1.5, SDXL    SD15 / SD20 / SDXL   time_embed (sinusoid -> MLP)                sinusoid of timestep(sigma')
 FLUX.1         Flux / FluxSchnell   time_in, guidance_in, vector_in             sinusoid of sigma' (time_in only)
 SD3 / SD3.5    SD3                  t_embedder (takes the timestep itself)      timestep(sigma')
+Z-Image        ZImage               t_embedder (takes (1 - timestep) x 1000)    (1 - timestep(sigma')) x 1000
 
 timestep(sigma') is the model's own sigma -> timestep map, made continuous for discrete (SD) schedules by
 interpolating log sigma, so that d/dsigma' exists for the distillation's finite differences.
@@ -47,6 +48,9 @@ class Family:
 
 _UNET_TARGETS = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
                            r"|time_embed\.[02])$")
+# ComfyUI's NextDiT embeds t_embedder((1 - timestep) x time_scale); model_detection sets time_scale 1000 for Z-Image
+# (comfy/ldm/lumina/model.py, comfy/model_detection.py), whose timestep is sigma itself (multiplier 1).
+ZIMAGE_TIME_SCALE = 1000.0
 FAMILIES = (
     Family("SD1.5 / SDXL", ("SD15", "SD20", "SDXL"), ("time_embed",), "time_embed",
            lambda e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
@@ -57,8 +61,11 @@ FAMILIES = (
     Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda t, ts: ts,
            re.compile(r"(joint_blocks\.\d+\.(x_block|context_block)\.(attn\.(qkv|proj)|mlp\.fc[12])"
                       r"|t_embedder\.mlp\.[02])$")),
+    Family("Z-Image", ("ZImage",), ("t_embedder",), "t_embedder", lambda t, ts: (1 - ts) * ZIMAGE_TIME_SCALE,
+           re.compile(r"((layers|noise_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
+                      r"|t_embedder\.mlp\.[02])$")),
 )
-SUPPORTED = "SD1.5 (eps and v), SDXL, FLUX.1 (dev / schnell) and SD3 / SD3.5"
+SUPPORTED = "SD1.5 (eps and v), SDXL, FLUX.1 (dev / schnell), SD3 / SD3.5 and Z-Image"
 
 
 def family_of(base_model) -> Family:

@@ -1,13 +1,20 @@
 """Test-only ComfyUI nodes for the model-family suite (test_model_families.py), loaded by comfy_test_nodes.py.
 
   FMTTTestSDConditioning        random CONDITIONING of any text width (SD1.5 768, SDXL 2048) and pooled size
+  FMTTTestZImageLoader          a tiny Z-Image (tiny_unets.zimage) as ComfyUI's own ZImage model: ComfyUI detects
+                                Z-Image only at width 3840, so the config comes from the file's metadata
   FMTTTestFamilyGradientCheck   the reward gradient through any MODEL (look-ahead + VAE + reward) against central
                                 differences, with and without block recomputation, counting block runs
 """
 import json
 
+import comfy.model_management
+import comfy.model_patcher
 import comfy.sample
 import comfy.samplers
+import comfy.supported_models
+import comfy.utils
+import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
@@ -31,6 +38,27 @@ class TestSDConditioning(io.ComfyNode):
         g = torch.Generator().manual_seed(seed)
         extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g)} if pooled_dim else {}
         return io.NodeOutput([[torch.randn(1, tokens, context_dim, generator=g), extra]])
+
+
+class TestZImageLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FMTTTestZImageLoader", category="testing",
+                         inputs=[io.String.Input("unet_name", default="tiny_zimage.safetensors")],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, unet_name):
+        """What comfy.sd.load_diffusion_model does once detection has named the config: ZImage(unet_config)."""
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
+        config = comfy.supported_models.ZImage(json.loads(metadata["fmtt.tiny_zimage"]))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model(sd, "")
+        patcher = comfy.model_patcher.CoreModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                                       offload_device=comfy.model_management.unet_offload_device())
+        model.load_model_weights(sd, "", assign=patcher.is_dynamic())
+        return io.NodeOutput(patcher)
 
 
 def block_runs(lists):
@@ -122,4 +150,4 @@ class TestFamilyGradientCheck(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewText(json.dumps(report)))
 
 
-NODES = [TestSDConditioning, TestFamilyGradientCheck]
+NODES = [TestSDConditioning, TestZImageLoader, TestFamilyGradientCheck]

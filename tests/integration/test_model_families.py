@@ -1,7 +1,8 @@
-"""Beyond FLUX: SD1.5 (eps and v-prediction), SDXL and SD3.5 through both FMTT nodes in a real ComfyUI.
+"""Beyond FLUX: SD1.5 (eps and v-prediction), SDXL, SD3.5 and Z-Image through both FMTT nodes in a real ComfyUI.
 
 Tiny random models of the real architectures (tiny_unets.py) are built into the test server's base directory;
-ComfyUI's own loaders detect them as SD15 / SDXL / SD3. Conditioning is random, of each family's shapes
+ComfyUI's own loaders detect them as SD15 / SDXL / SD3 (the tiny Z-Image is built as ComfyUI's ZImage model by a
+test node: ComfyUI detects Z-Image only at its real width). Conditioning is random, of each family's shapes
 (FMTTTestSDConditioning); the reward is the mask reward (no reward model to load) unless a test says otherwise.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ FAMILIES = {
              "detected": "SDXL", "sampling": "EPS"},
     "sd35": {"unet": "tiny_sd35.safetensors", "vae": "tiny_taef1.safetensors", "context_dim": 64, "pooled_dim": 32,
              "channels": 16, "detected": "SD3", "sampling": "CONST"},
+    # built by a test node (ComfyUI detects Z-Image only at its real width); no pooled vector
+    "zimage": {"unet": "tiny_zimage.safetensors", "loader": "FMTTTestZImageLoader", "vae": "tiny_taef1.safetensors",
+               "context_dim": 64, "pooled_dim": 0, "channels": 16, "detected": "ZImage", "sampling": "CONST"},
 }
 SIZE = 8
 
@@ -63,7 +67,8 @@ def family_nodes(family: str, size: int = SIZE) -> dict:
         p["loader"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f["ckpt"]}}
         model, vae = ["loader", 0], ["loader", 2]
     else:
-        p["loader"] = {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet"], "weight_dtype": "default"}}
+        p["loader"] = ({"class_type": f["loader"], "inputs": {"unet_name": f["unet"]}} if "loader" in f else
+                       {"class_type": "UNETLoader", "inputs": {"unet_name": f["unet"], "weight_dtype": "default"}})
         p["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": f["vae"]}}
         model, vae = ["loader", 0], ["vae", 0]
     if f.get("v_prediction"):
@@ -157,7 +162,7 @@ def close(a, b, rel=1e-4):
 
 @pytest.mark.parametrize("family,cfg,denoise", [
     ("sd15", 1.0, 1.0), ("sd15", 3.0, 1.0), ("sd15_v", 3.0, 1.0), ("sd15", 3.0, 0.6),
-    ("sdxl", 3.0, 1.0), ("sdxl", 3.0, 0.6), ("sd35", 3.0, 1.0)])
+    ("sdxl", 3.0, 1.0), ("sdxl", 3.0, 0.6), ("sd35", 3.0, 1.0), ("zimage", 3.0, 1.0)])
 def test_one_particle_without_reward_is_comfyui_euler(families, family, cfg, denoise):
     """FMTT with one particle, eta = 0 and reward scale 0 is the probability-flow ODE with Euler steps: on the
     noise-prediction (VE) clock too, through the CFG-guided denoiser, and from an encoded image (img2img) at

@@ -1,5 +1,6 @@
-"""Tiny random SD1.5 / SDXL UNets and an SD3.5 MMDiT, built with ComfyUI's own classes so that its loaders detect
-them as those families (run with ComfyUI's python, after tiny_models.py has filled the same base directory):
+"""Tiny random SD1.5 / SDXL UNets, an SD3.5 MMDiT and a Z-Image NextDiT, built with ComfyUI's own classes so that
+its loaders detect them as those families (run with ComfyUI's python, after tiny_models.py has filled the same base
+directory):
 
     python tiny_unets.py COMFYUI_PATH BASE_DIR
 
@@ -15,6 +16,8 @@ Writes, under BASE_DIR/models:
   checkpoints/tiny_sdxl.safetensors          SDXL UNet + a 4-channel TAESD as its VAE
   diffusion_models/tiny_sd15_unet.safetensors  the SD1.5 UNet alone (UNETLoader)
   diffusion_models/tiny_sd35.safetensors     an SD3.5-style MMDiT (RMS q/k norm), for UNETLoader
+  diffusion_models/tiny_zimage.safetensors   a Z-Image NextDiT at width 256, its config in the metadata (ComfyUI
+                                             detects Z-Image at width 3840 only): FMTTTestZImageLoader loads it
   diffusion_models/tiny_sd15_ip2p_unet.safetensors  the SD1.5 UNet with 8 input channels: ComfyUI detects it as
                                              SD15_instructpix2pix, a family the flow-map trainer does not support
   loras/tiny_sdxl_lightning.safetensors      a rank-4 LoRA on the SDXL UNet's attention (a "Lightning" LoRA)
@@ -24,6 +27,8 @@ and BASE_DIR/input/tiny_dataset/: three 64x64 images (the flow-map training work
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -74,7 +79,50 @@ def mmdit(seed: int):
     with torch.no_grad():  # a buffer, left empty by the class (real checkpoints store it): SD3's sin-cos table
         table = mmdit_module.get_2d_sincos_pos_embed(net.hidden_size, 16)
         net.pos_embed.copy_(torch.from_numpy(table).float().unsqueeze(0))
+    smooth_in_time(net.t_embedder.mlp[0], timestep_per_sigma=1000.0)
     return net
+
+
+# A Z-Image NextDiT (ComfyUI's model_detection values for dim 3840: heads of 128 channels, RoPE axes [32, 48, 48],
+# theta 256, FFN x 8/3, Z-Image's 256-wide time modulation, t_embedder((1 - timestep) x 1000)) at width 256 (the
+# smallest the 256-wide modulation allows), 2 heads, 2 layers (and ComfyUI's default 2 + 2 refiner layers), a
+# 64-feature caption. ComfyUI detects Z-Image only at dim 3840, so the file carries this config in its metadata and
+# the test node FMTTTestZImageLoader builds ComfyUI's ZImage model from it (family_test_nodes.py).
+ZIMAGE_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64,
+                 "n_layers": 2, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [32, 48, 48],
+                 "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+                 "z_image_modulation": True, "time_scale": 1000.0}
+
+
+def zimage(seed: int):
+    """A random Z-Image NextDiT of ZIMAGE_CONFIG, with its RMSNorm weights near 1 and a time embedder smooth in
+    time (smooth_in_time: Z-Image's timestep is sigma, its embedder reads (1 - sigma) x 1000)."""
+    import comfy.ldm.lumina.model
+    import comfy.ops
+    net = comfy.ldm.lumina.model.NextDiT(**ZIMAGE_CONFIG, operations=comfy.ops.disable_weight_init)
+    _tiny_models().init_(net, seed, scale=0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.RMSNorm) and m.weight is not None:
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+    smooth_in_time(net.t_embedder.mlp[0], timestep_per_sigma=ZIMAGE_CONFIG["time_scale"])
+    return net
+
+
+def smooth_in_time(first: torch.nn.Linear, timestep_per_sigma: float, bandwidth: float = 10.0, gain: float = 30.0):
+    """Make a random time embedder (sinusoids of the timestep -> `first` -> ...) behave like a trained one: a trained
+    model's velocity is smooth in time, and depends on it. A random first layer reads every sinusoid alike, and the
+    fastest turn ~1 radian per timestep unit (1000 per unit sigma): the tiny SD3's velocity then swings at a scale of
+    ~0.005 in sigma, |dv/dsigma| / |v| ~ 15, which the flow-map trainer's finite difference (step 5e-3) cannot
+    resolve (it reads 2.5x too low), and the model is no teacher a flow map can be distilled from. Here each
+    frequency w (radians per unit sigma) is read with weight gain * exp(-(w / bandwidth)^2): |dv/dsigma| / |v| ~ 3.6,
+    and the finite difference agrees with the derivative to 3 digits."""
+    with torch.no_grad():
+        half = first.weight.shape[1] // 2  # [cos | sin] of the same frequencies (flip_sin_to_cos or not)
+        w = torch.exp(-math.log(10000) * torch.arange(half) / half) * timestep_per_sigma
+        window = gain * torch.exp(-(w / bandwidth) ** 2)
+        first.weight.mul_(torch.cat([window, window]).to(first.weight))
 
 
 def lora(state_dict: dict, seed: int, rank: int = 4) -> dict:
@@ -132,6 +180,8 @@ def main(comfy_path: str, base: str):
     save_file(half(merged(sdxl.state_dict(), lightning)),
               models / "diffusion_models" / "tiny_sdxl_lightning_unet.safetensors")
     save_file(mmdit(14).state_dict(), models / "diffusion_models" / "tiny_sd35.safetensors")
+    save_file(zimage(16).state_dict(), models / "diffusion_models" / "tiny_zimage.safetensors",
+              {"fmtt.tiny_zimage": json.dumps(ZIMAGE_CONFIG)})
     save_file(unet("sd15", 15, in_channels=8).state_dict(),
               models / "diffusion_models" / "tiny_sd15_ip2p_unet.safetensors")
     dataset(Path(base) / "input" / "tiny_dataset")
