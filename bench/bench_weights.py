@@ -22,6 +22,7 @@ nonlinear, multi-basin reward. The exact flow map is the look-ahead throughout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +33,7 @@ import bench_toy
 import torch
 
 import fmtt_core as fc
+from fmtt_core import sampler, weights
 from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,6 +41,94 @@ TEST_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "we
 TEST_CASES = {"ring": (20, 1_000_000), "mix2d": (20, 1_000_000)}  # case -> (steps, reference N) for the tests
 RULES = ("twisted", "doob", "auto", "advective", "eulerian")
 APPROXIMATE = ("advective", "eulerian")  # per-step Jarzynski increments: exact only as h -> 0
+
+
+class ESSLossAuto(weights.AutoWeights):
+    """Candidate (a): twisted unless the ESS a twisted step is predicted to cost, under the current weights,
+    exceeds `quiet` nats per unit time; advective then. With log-weight noise N(0, v_i) per particle and
+    current weights w, E[ESS after] / ESS before = (sum w e^{v/2})^2 / (sum w^2 e^{2 v}) * sum w^2 (e^{-v}
+    for equal v, uniform w): a weighted sum over the particles, where auto takes the largest v_i."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.log_w = torch.zeros(self.pop.count, dtype=torch.float64)  # the chain's log-weights since resampling
+
+    def twisted_step(self, k, r, x, d):
+        v = self.noise_variance(k)
+        log_w = self.pop.normalize(self.log_w)
+        gain = 2 * torch.logsumexp(log_w + v / 2, 0) - torch.logsumexp(2 * log_w + 2 * v, 0)
+        loss = float(-torch.logsumexp(2 * log_w, 0) - gain)  # log ESS before - log predicted ESS after, nats
+        return loss / float(self.times[k + 1] - self.times[k]) <= self.quiet
+
+    def increment(self, k, r, x, d):
+        inc = super().increment(k, r, x, d)
+        self.log_w = torch.nan_to_num(self.log_w + inc, nan=-math.inf)
+        return inc
+
+    def reindex(self, ancestors):
+        super().reindex(ancestors)
+        self.log_w = torch.zeros_like(self.log_w)
+
+
+class SwitchWhenHeavy(weights.AutoWeights):
+    """Candidate (b): twisted until twisted has resampled on `heavy` of the last `window` steps, advective
+    from then on."""
+
+    heavy, window = 3, 4
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.resampled, self.switched, self.k = [], False, 0
+
+    def twisted_step(self, k, r, x, d):
+        self.k = k
+        self.switched = self.switched or sum(j > k - 1 - self.window for j in self.resampled) >= self.heavy
+        return not self.switched
+
+    def reindex(self, ancestors):
+        super().reindex(ancestors)
+        self.resampled.append(self.k)
+
+
+class EulerianWhereExact(weights.AutoWeights):
+    """Candidate (c): Eulerian (beta (lambda_{k+1} - lambda_k) r_k, free) on steps where the look-ahead is
+    measured to be a flow map, twisted elsewhere. The Eulerian defect r_{t'}(x + h b) - r_t(x) is measured on
+    `probe` particles (one look-ahead forward each); the step is Eulerian when the RMS over the probe of the error
+    it would make in the increment, beta lambda_{k+1} defect, is at most `tolerance` nats per unit time."""
+
+    jarzynski_name, probe, tolerance = "eulerian", 32, 0.5
+
+    def twisted_step(self, k, r, x, d):
+        t, t_next, p = float(self.times[k]), float(self.times[k + 1]), min(self.probe, x.shape[0])
+        defect = weights.eulerian_defect(self.loop, x[:p], d[:p], r[:p], t, t_next)
+        error = self.beta * float(self.lam[k + 1]) * torch.nan_to_num(defect, nan=math.inf)
+        return float(error.pow(2).mean().sqrt()) / (t_next - t) > self.tolerance
+
+    def jarzynski(self, k, r, x, d):
+        return self.beta * float(self.lam[k + 1] - self.lam[k]) * r, None
+
+
+# Candidates of issue 19 that are not in the core: run by fmtt_sample with their rule in place of cfg.weights's.
+CANDIDATES = {"ess-loss": ESSLossAuto, "switch": SwitchWhenHeavy, "eulerian-if-exact": EulerianWhereExact}
+
+
+@contextlib.contextmanager
+def rule_for(name):
+    """fmtt_sample's weight rule is the candidate's for the duration (a core rule name passes through)."""
+    if name not in CANDIDATES:
+        yield name
+        return
+    core = sampler.weight_rule
+
+    def make(cfg, pop, lam, times, loop):
+        return CANDIDATES[name](pop, lam, float(cfg.reward_scale), times, loop, cfg.eta, cfg.sde_step,
+                                ess_threshold=cfg.ess_threshold, scheme=cfg.resampling)
+
+    sampler.weight_rule = make
+    try:
+        yield "auto"  # the FMTTConfig name: the paper's push, validation passes
+    finally:
+        sampler.weight_rule = core
 
 
 def gmm8():
@@ -110,8 +200,9 @@ def candidate(gm, reward, beta, cfg_kw, rk4, steps, rule, n, seeds):
     est, health = [], []
     for seed in range(seeds):
         x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
-        cfg = fc.FMTTConfig(reward_scale=beta, weights=rule, seed=seed, **cfg_kw)
-        res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, lookahead=look, config=cfg)
+        with rule_for(rule) as name:
+            cfg = fc.FMTTConfig(reward_scale=beta, weights=name, seed=seed, **cfg_kw)
+            res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, lookahead=look, config=cfg)
         w = res.weights
         est.append(moments(res.samples, w, res.rewards))
         approx = sum(v for k, v in res.rule_counts.items() if k in APPROXIMATE) / steps
@@ -161,7 +252,7 @@ def table(rows, refs, meta) -> str:
              "discretised base chain reweighted by exp(beta r(x1)) at the end). approx: share of steps with a "
              "Jarzynski (O(h)) increment. reward: "
              "weighted mean final reward, the reference's in the header.", ""]
-    for ref in refs:
+    for ref in {(r["case"], r["steps"], r.get("n")): r for r in refs}.values():  # an appended run repeats some
         chain = "" if math.isnan(ref["chain_z"]) else f"; base chain vs closed-form law |z| {ref['chain_z']:.1f}"
         lines.append(f"- {ref['case']}, {ref['steps']} steps: reference N {ref.get('n', 200_000)}, reward "
                      f"{ref['reward']:.3f}, ESS of the final reweighting {ref['ess']:.3f} N{chain}")
@@ -170,6 +261,14 @@ def table(rows, refs, meta) -> str:
     for r in rows:
         lines.append(f"| {r['case']} | {r['steps']} | {r['rule']} | {r['z']:.1f} | {r['ess']:.2f} | "
                      f"{r['resamples']:.1f} | {r['approx']:.0%} | {r['reward']:.3f} |")
+    lines += ["", "Candidates not in the core (this script's classes): ess-loss (auto's criterion on the predicted ESS "
+              "loss of a twisted step under the current weights, a weighted sum over the particles), switch "
+              "(twisted until it resamples on 3 of 4 steps, advective after), eulerian-if-exact (Eulerian where a "
+              "32-particle probe measures the look-ahead's Eulerian defect small, twisted elsewhere).", "",
+              "The exact rules' finite-N bias on the ring at beta 2 (twisted 3.7 and FK diff 12.2 standard errors in "
+              "tests/test_core_weights_power.py), against N, with and without resampling: "
+              "bench/results/weights_finite_n.md (`python bench/bench_weights.py --finite-n`); the reading is in "
+              "docs/weights.md."]
     return "\n".join(lines) + "\n"
 
 
