@@ -18,6 +18,7 @@ nonlinear, multi-basin reward. The exact flow map is the look-ahead throughout.
     python bench/bench_weights.py --steps 20 --seeds 4 --particles 300     # a quicker, weaker look
     python bench/bench_weights.py --write-reference     # tests/data/weights_reference.json (once, ~1 min)
     python bench/bench_weights.py --finite-n      # bias against N on the ring: bench/results/weights_finite_n.md
+    python bench/bench_weights.py --twisted-variants   # twisted's ring bias vs resampling / taming settings
 """
 from __future__ import annotations
 
@@ -313,6 +314,44 @@ def finite_n(sizes=(1000, 4000, 16000, 64000), budget=256_000, twisted_budget=40
     return "\n".join(lines) + "\n"
 
 
+# Twisted on the ring under settings that change how often, and how hard, it resamples (issue 19's item: a
+# resampling threshold against the ring's finite-N bias). Same seeds, N and reference as the powered test.
+TWISTED_VARIANTS = {"twisted (ess_threshold 0.5, max_push 4: the defaults)": {},
+                    "ess_threshold 0.8": {"ess_threshold": 0.8}, "ess_threshold 0.2": {"ess_threshold": 0.2},
+                    "ess_threshold 0 (no resampling)": {"ess_threshold": 0.0},
+                    "max_push off (untamed push)": {"max_push": None}}
+
+
+def twisted_variants(case="ring", seeds=10, n=1000) -> str:
+    """The powered test's statistic (tests/test_core_weights_power.py: seeds 500+, N 1000, the committed 10^6
+    reference) for twisted under each TWISTED_VARIANTS setting."""
+    ref = json.loads(TEST_REFERENCE.read_text())[case]
+    gm, reward, beta, kw, rk4, _ = cases()[case]
+    look = fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, rk4))
+    lines = [f"# Twisted against the finite-N bias ({case}, beta {beta}, {ref['steps']} steps, N {n}, {seeds} seeds)",
+             "",
+             "|z|: the powered test's statistic against its committed reference (the bar is 3). bias: mean over the "
+             "seeds minus the reference, +- its standard error across seeds.", "",
+             "| setting | |z| | bias of mean x0 | bias of mean reward | final ESS/N | resamplings |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, options in TWISTED_VARIANTS.items():
+        est, ess, resamples = [], 0.0, 0
+        for seed in range(seeds):
+            x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(500 + seed), dtype=torch.float64)
+            cfg = fc.FMTTConfig(reward_scale=beta, seed=seed, weights="twisted", **{**kw, **options})
+            res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(ref["steps"]), reward=reward, lookahead=look,
+                                 config=cfg)
+            est.append(moments(res.samples, res.weights, res.rewards))
+            ess, resamples = ess + res.ess / n / seeds, resamples + res.n_resamples / seeds
+        est = torch.stack(est)
+        z = float(z_scores(est, torch.tensor(ref["moments"]), torch.tensor(ref["se"])).abs().max())
+        d, se = est.mean(0) - torch.tensor(ref["moments"]), est.std(0) / seeds ** 0.5
+        lines.append(f"| {name} | {z:.1f} | {d[0]:+.4f} +- {se[0]:.4f} | {d[-1]:+.4f} +- {se[-1]:.4f} | {ess:.2f} | "
+                     f"{resamples:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100])
@@ -325,8 +364,18 @@ def main(argv=None):
     ap.add_argument("--append", action="store_true", help="add to the rows already in <out>.json")
     ap.add_argument("--write-reference", action="store_true", help="write the tests' reference and stop")
     ap.add_argument("--finite-n", action="store_true", help="the exact rules' bias against N on the ring, and stop")
+    ap.add_argument("--twisted-variants", action="store_true",
+                    help="twisted on the ring under resampling / taming settings, and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.twisted_variants:
+        start = time.perf_counter()
+        text = twisted_variants()
+        RESULTS.mkdir(exist_ok=True)
+        took = f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
+        (RESULTS / "weights_ring_twisted.md").write_text(text + took)
+        print(text)
+        return
     if args.write_reference:
         print(json.dumps(write_test_reference(), indent=1))
         return
