@@ -125,8 +125,13 @@ class TwistedWeights(WeightRule):
         self.potential = torch.zeros(pop.count, dtype=torch.float64)  # beta lambda_k r_k of each path
         self.pending = torch.zeros(pop.count, dtype=torch.float64)    # kernel ratio of the last move
 
+    def twist(self, k, r, x):
+        """The log-potential of step k per particle, beta lambda_k r_k. Any function of x_k keeps the weights exact
+        (they telescope); how close it is to log E[exp(beta lambda_k r(x1)) | x_k] decides their variance."""
+        return self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+
     def increment(self, k, r, x, d):
-        new = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+        new = self.twist(k, r, x)
         inc = _finite_or_neginf(new - self.potential + self.pending, r)
         self.potential, self.pending = new, torch.zeros_like(self.pending)
         return inc
