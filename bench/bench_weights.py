@@ -345,7 +345,8 @@ def finite_n(sizes=(1000, 4000, 16000, 64000), budget=256_000, twisted_budget=40
 TWISTED_VARIANTS = {"twisted (ess_threshold 0.5, max_push 4: the defaults)": {},
                     "ess_threshold 0.8": {"ess_threshold": 0.8}, "ess_threshold 0.2": {"ess_threshold": 0.2},
                     "ess_threshold 0 (no resampling)": {"ess_threshold": 0.0},
-                    "max_push off (untamed push)": {"max_push": None},
+                    "max_push off (untamed push)": {"max_push": None}, "max_push 1": {"max_push": 1.0},
+                    "max_push 0.25": {"max_push": 0.25},
                     "exact twist (ring only)": {}}  # a rule of CANDIDATES: the potential, nothing else, changes
 
 
