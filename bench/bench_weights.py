@@ -296,7 +296,8 @@ def table(rows, refs, meta) -> str:
     lines += ["", "Candidates not in the core (this script's classes): ess-loss (auto's criterion on the predicted ESS "
               "loss of a twisted step under the current weights, a weighted sum over the particles), switch "
               "(twisted until it resamples on 3 of 4 steps, advective after), eulerian-if-exact (Eulerian where a "
-              "32-particle probe measures the look-ahead's Eulerian defect small, twisted elsewhere).", "",
+              "32-particle probe measures the look-ahead's Eulerian defect small, twisted elsewhere); 'twisted, "
+              "max_push 1': twisted with its push tamed to 1x the step's noise instead of 4x.", "",
               "The exact rules' finite-N bias on the ring at beta 2 (twisted 3.7 and FK diff 12.2 standard errors in "
               "tests/test_core_weights_power.py), against N, with and without resampling: "
               "bench/results/weights_finite_n.md (`python bench/bench_weights.py --finite-n`); the reading is in "
