@@ -18,10 +18,12 @@ nonlinear, multi-basin reward. The exact flow map is the look-ahead throughout.
     python bench/bench_weights.py --steps 20 --seeds 4 --particles 300     # a quicker, weaker look
     python bench/bench_weights.py --write-reference     # tests/data/weights_reference.json (once, ~1 min)
     python bench/bench_weights.py --finite-n      # bias against N on the ring: bench/results/weights_finite_n.md
+    python bench/bench_weights.py --twisted-variants   # twisted's ring bias vs resampling / taming settings
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +34,7 @@ import bench_toy
 import torch
 
 import fmtt_core as fc
+from fmtt_core import sampler, weights
 from fmtt_core.analytic import GaussianMixture, linear_reward, quadratic_reward, ring_mixture
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,6 +42,124 @@ TEST_REFERENCE = Path(__file__).resolve().parent.parent / "tests" / "data" / "we
 TEST_CASES = {"ring": (20, 1_000_000), "mix2d": (20, 1_000_000)}  # case -> (steps, reference N) for the tests
 RULES = ("twisted", "doob", "auto", "advective", "eulerian")
 APPROXIMATE = ("advective", "eulerian")  # per-step Jarzynski increments: exact only as h -> 0
+
+
+class ESSLossAuto(weights.AutoWeights):
+    """Candidate (a): twisted unless the ESS a twisted step is predicted to cost, under the current weights,
+    exceeds `quiet` nats per unit time; advective then. With log-weight noise N(0, v_i) per particle and
+    current weights w, E[ESS after] / ESS before = (sum w e^{v/2})^2 / (sum w^2 e^{2 v}) * sum w^2 (e^{-v}
+    for equal v, uniform w): a weighted sum over the particles, where auto takes the largest v_i."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.log_w = torch.zeros(self.pop.count, dtype=torch.float64)  # the chain's log-weights since resampling
+
+    def twisted_step(self, k, r, x, d):
+        v = self.noise_variance(k)
+        log_w = self.pop.normalize(self.log_w)
+        gain = 2 * torch.logsumexp(log_w + v / 2, 0) - torch.logsumexp(2 * log_w + 2 * v, 0)
+        loss = float(-torch.logsumexp(2 * log_w, 0) - gain)  # log ESS before - log predicted ESS after, nats
+        return loss / float(self.times[k + 1] - self.times[k]) <= self.quiet
+
+    def increment(self, k, r, x, d):
+        inc = super().increment(k, r, x, d)
+        self.log_w = torch.nan_to_num(self.log_w + inc, nan=-math.inf)
+        return inc
+
+    def reindex(self, ancestors):
+        super().reindex(ancestors)
+        self.log_w = torch.zeros_like(self.log_w)
+
+
+class SwitchWhenHeavy(weights.AutoWeights):
+    """Candidate (b): twisted until twisted has resampled on `heavy` of the last `window` steps, advective
+    from then on."""
+
+    heavy, window = 3, 4
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.resampled, self.switched, self.k = [], False, 0
+
+    def twisted_step(self, k, r, x, d):
+        self.k = k
+        self.switched = self.switched or sum(j > k - 1 - self.window for j in self.resampled) >= self.heavy
+        return not self.switched
+
+    def reindex(self, ancestors):
+        super().reindex(ancestors)
+        self.resampled.append(self.k)
+
+
+class EulerianWhereExact(weights.AutoWeights):
+    """Candidate (c): Eulerian (beta (lambda_{k+1} - lambda_k) r_k, free) on steps where the look-ahead is
+    measured to be a flow map, twisted elsewhere. The Eulerian defect r_{t'}(x + h b) - r_t(x) is measured on
+    `probe` particles (one look-ahead forward each); the step is Eulerian when the RMS over the probe of the error
+    it would make in the increment, beta lambda_{k+1} defect, is at most `tolerance` nats per unit time."""
+
+    jarzynski_name, probe, tolerance = "eulerian", 32, 0.5
+
+    def twisted_step(self, k, r, x, d):
+        t, t_next, p = float(self.times[k]), float(self.times[k + 1]), min(self.probe, x.shape[0])
+        defect = weights.eulerian_defect(self.loop, x[:p], d[:p], r[:p], t, t_next)
+        error = self.beta * float(self.lam[k + 1]) * torch.nan_to_num(defect, nan=math.inf)
+        return float(error.pow(2).mean().sqrt()) / (t_next - t) > self.tolerance
+
+    def jarzynski(self, k, r, x, d):
+        return self.beta * float(self.lam[k + 1] - self.lam[k]) * r, None
+
+
+class ExactTwist(weights.TwistedWeights):
+    """Twisted weights whose twist is the exact log E[exp(beta lambda_k r(x1)) | x_k] (the ring's mixture posterior
+    of x1 given x_t and its quadratic reward, in closed form) instead of beta lambda_k r(X_{t_k,1}(x_k)), which
+    ignores the spread of x1 | x_t: the best a spread-aware potential could do. The push is unchanged."""
+
+    gm, centre, precision = ring_mixture(8, 4.0, 0.5), torch.tensor([4.0, 0.0], dtype=torch.float64), 1.0
+
+    def __init__(self, pop, lam, beta, times, **kw):
+        super().__init__(pop, lam, beta, **kw)
+        self.times = times
+
+    def twist(self, k, r, x):
+        t, a = float(self.times[k]), self.beta * float(self.lam[k]) * self.precision
+        m, v = self.gm.means[None], self.gm.variances[None]                     # [1, K, d]
+        var_t = t ** 2 * v + (1 - t) ** 2
+        diff = x.detach().double()[:, None, :] - t * m
+        log_post = torch.log_softmax(torch.log(self.gm.weights)[None]
+                                     - 0.5 * (diff ** 2 / var_t + torch.log(var_t)).sum(-1), 1)
+        mean, spread = m + t * v / var_t * diff, v * (1 - t) ** 2 / var_t      # x1 | x_t, per component
+        log_e = (-0.5 * torch.log1p(a * spread) - 0.5 * a * (mean - self.centre) ** 2 / (1 + a * spread)).sum(-1)
+        return torch.logsumexp(log_post + log_e, 1)
+
+
+def _auto_like(cls):
+    return lambda cfg, pop, lam, times, loop: cls(pop, lam, float(cfg.reward_scale), times, loop, cfg.eta,
+                                                  cfg.sde_step, ess_threshold=cfg.ess_threshold, scheme=cfg.resampling)
+
+
+# Candidates of issue 19 that are not in the core: run by fmtt_sample with their rule in place of cfg.weights's.
+CANDIDATES = {"ess-loss": _auto_like(ESSLossAuto), "switch": _auto_like(SwitchWhenHeavy),
+              "eulerian-if-exact": _auto_like(EulerianWhereExact),
+              "exact twist (ring only)": lambda cfg, pop, lam, times, loop: ExactTwist(
+                  pop, lam, float(cfg.reward_scale), times, ess_threshold=cfg.ess_threshold, scheme=cfg.resampling)}
+
+
+# Core rules with other settings, measured as rows of their own.
+SETTINGS = {"twisted, max_push 1": ("twisted", {"max_push": 1.0})}
+
+
+@contextlib.contextmanager
+def rule_for(name):
+    """fmtt_sample's weight rule is the candidate's for the duration (a core rule name passes through)."""
+    if name not in CANDIDATES:
+        yield name
+        return
+    core = sampler.weight_rule
+    sampler.weight_rule = CANDIDATES[name]
+    try:
+        yield "twisted"  # the FMTTConfig name: the paper's push, validation passes
+    finally:
+        sampler.weight_rule = core
 
 
 def gmm8():
@@ -110,8 +231,10 @@ def candidate(gm, reward, beta, cfg_kw, rk4, steps, rule, n, seeds):
     est, health = [], []
     for seed in range(seeds):
         x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64)
-        cfg = fc.FMTTConfig(reward_scale=beta, weights=rule, seed=seed, **cfg_kw)
-        res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, lookahead=look, config=cfg)
+        core_rule, options = SETTINGS.get(rule, (rule, {}))
+        with rule_for(core_rule) as name:
+            cfg = fc.FMTTConfig(reward_scale=beta, weights=name, seed=seed, **{**cfg_kw, **options})
+            res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(steps), reward=reward, lookahead=look, config=cfg)
         w = res.weights
         est.append(moments(res.samples, w, res.rewards))
         approx = sum(v for k, v in res.rule_counts.items() if k in APPROXIMATE) / steps
@@ -161,7 +284,7 @@ def table(rows, refs, meta) -> str:
              "discretised base chain reweighted by exp(beta r(x1)) at the end). approx: share of steps with a "
              "Jarzynski (O(h)) increment. reward: "
              "weighted mean final reward, the reference's in the header.", ""]
-    for ref in refs:
+    for ref in {(r["case"], r["steps"], r.get("n")): r for r in refs}.values():  # an appended run repeats some
         chain = "" if math.isnan(ref["chain_z"]) else f"; base chain vs closed-form law |z| {ref['chain_z']:.1f}"
         lines.append(f"- {ref['case']}, {ref['steps']} steps: reference N {ref.get('n', 200_000)}, reward "
                      f"{ref['reward']:.3f}, ESS of the final reweighting {ref['ess']:.3f} N{chain}")
@@ -170,6 +293,15 @@ def table(rows, refs, meta) -> str:
     for r in rows:
         lines.append(f"| {r['case']} | {r['steps']} | {r['rule']} | {r['z']:.1f} | {r['ess']:.2f} | "
                      f"{r['resamples']:.1f} | {r['approx']:.0%} | {r['reward']:.3f} |")
+    lines += ["", "Candidates not in the core (this script's classes): ess-loss (auto's criterion on the predicted ESS "
+              "loss of a twisted step under the current weights, a weighted sum over the particles), switch "
+              "(twisted until it resamples on 3 of 4 steps, advective after), eulerian-if-exact (Eulerian where a "
+              "32-particle probe measures the look-ahead's Eulerian defect small, twisted elsewhere); 'twisted, "
+              "max_push 1': twisted with its push tamed to 1x the step's noise instead of 4x.", "",
+              "The exact rules' finite-N bias on the ring at beta 2 (twisted 3.7 and FK diff 12.2 standard errors in "
+              "tests/test_core_weights_power.py), against N, with and without resampling: "
+              "bench/results/weights_finite_n.md (`python bench/bench_weights.py --finite-n`); the reading is in "
+              "docs/weights.md."]
     return "\n".join(lines) + "\n"
 
 
@@ -214,6 +346,71 @@ def finite_n(sizes=(1000, 4000, 16000, 64000), budget=256_000, twisted_budget=40
     return "\n".join(lines) + "\n"
 
 
+# Twisted on the ring under settings that change how often, and how hard, it resamples (issue 19's item: a
+# resampling threshold against the ring's finite-N bias). Same seeds, N and reference as the powered test.
+TWISTED_VARIANTS = {"twisted (ess_threshold 0.5, max_push 4: the defaults)": {},
+                    "ess_threshold 0.8": {"ess_threshold": 0.8}, "ess_threshold 0.2": {"ess_threshold": 0.2},
+                    "ess_threshold 0 (no resampling)": {"ess_threshold": 0.0},
+                    "max_push off (untamed push)": {"max_push": None}, "max_push 1": {"max_push": 1.0},
+                    "max_push 0.25": {"max_push": 0.25},
+                    "exact twist (ring only)": {}}  # a rule of CANDIDATES: the potential, nothing else, changes
+
+
+def twisted_variants(case="ring", seeds=10, n=1000) -> str:
+    """The powered test's statistic (tests/test_core_weights_power.py: seeds 500+, N 1000, the committed 10^6
+    reference) for twisted under each TWISTED_VARIANTS setting."""
+    ref = json.loads(TEST_REFERENCE.read_text())[case]
+    gm, reward, beta, kw, rk4, _ = cases()[case]
+    look = fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, rk4))
+    lines = [f"# Twisted against the finite-N bias ({case}, beta {beta}, {ref['steps']} steps, N {n}, {seeds} seeds)",
+             "",
+             "|z|: the powered test's statistic against its committed reference (the bar is 3). bias: mean over the "
+             "seeds minus the reference, +- its standard error across seeds.", "",
+             "| setting | |z| | bias of mean x0 | bias of mean reward | final ESS/N | resamplings |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, options in TWISTED_VARIANTS.items():
+        est, ess, resamples = [], 0.0, 0
+        for seed in range(seeds):
+            x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(500 + seed), dtype=torch.float64)
+            with rule_for(name if name in CANDIDATES else "twisted") as rule:
+                cfg = fc.FMTTConfig(reward_scale=beta, seed=seed, weights=rule, **{**kw, **options})
+                res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(ref["steps"]), reward=reward, lookahead=look,
+                                     config=cfg)
+            est.append(moments(res.samples, res.weights, res.rewards))
+            ess, resamples = ess + res.ess / n / seeds, resamples + res.n_resamples / seeds
+        est = torch.stack(est)
+        z = float(z_scores(est, torch.tensor(ref["moments"]), torch.tensor(ref["se"])).abs().max())
+        d, se = est.mean(0) - torch.tensor(ref["moments"]), est.std(0) / seeds ** 0.5
+        lines.append(f"| {name} | {z:.1f} | {d[0]:+.4f} +- {se[0]:.4f} | {d[-1]:+.4f} +- {se[-1]:.4f} | {ess:.2f} | "
+                     f"{resamples:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def fresh_seeds(case="ring", seeds=30, n=1000, taming=(1.0, 4.0)) -> str:
+    """The max_push finding on seeds the variants table did not use (x0 seeds 7000+, sampler seeds 1000+)."""
+    ref = json.loads(TEST_REFERENCE.read_text())[case]
+    gm, reward, beta, kw, rk4, _ = cases()[case]
+    look = fc.FlowMapLookahead(lambda x, s, t: gm.flow_map(x, s, t, rk4))
+    lines = ["", f"Fresh seeds ({seeds} x N {n}, x0 seeds 7000+, sampler seeds 1000+):", "",
+             "| setting | |z| | bias of mean x0 | bias of mean reward |", "|---|---:|---:|---:|"]
+    for max_push in taming:
+        est = []
+        for seed in range(seeds):
+            x0 = torch.randn(n, gm.dim, generator=torch.Generator().manual_seed(7000 + seed), dtype=torch.float64)
+            cfg = fc.FMTTConfig(reward_scale=beta, seed=1000 + seed, weights="twisted", max_push=max_push, **kw)
+            res = fc.fmtt_sample(gm.denoiser, x0, fc.time_grid(ref["steps"]), reward=reward, lookahead=look,
+                                 config=cfg)
+            est.append(moments(res.samples, res.weights, res.rewards))
+        est = torch.stack(est)
+        z = float(z_scores(est, torch.tensor(ref["moments"]), torch.tensor(ref["se"])).abs().max())
+        d, se = est.mean(0) - torch.tensor(ref["moments"]), est.std(0) / seeds ** 0.5
+        lines.append(f"| twisted, max_push {max_push:g} | {z:.1f} | {d[0]:+.4f} +- {se[0]:.4f} | "
+                     f"{d[-1]:+.4f} +- {se[-1]:.4f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50, 100])
@@ -226,8 +423,18 @@ def main(argv=None):
     ap.add_argument("--append", action="store_true", help="add to the rows already in <out>.json")
     ap.add_argument("--write-reference", action="store_true", help="write the tests' reference and stop")
     ap.add_argument("--finite-n", action="store_true", help="the exact rules' bias against N on the ring, and stop")
+    ap.add_argument("--twisted-variants", action="store_true",
+                    help="twisted on the ring under resampling / taming settings, and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.twisted_variants:
+        start = time.perf_counter()
+        text = twisted_variants() + fresh_seeds()
+        RESULTS.mkdir(exist_ok=True)
+        took = f"\n{time.perf_counter() - start:.0f} s on one thread.\n"
+        (RESULTS / "weights_ring_twisted.md").write_text(text + took)
+        print(text)
+        return
     if args.write_reference:
         print(json.dumps(write_test_reference(), indent=1))
         return

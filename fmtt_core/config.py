@@ -38,7 +38,10 @@ class FMTTConfig:
           price whatever push was made); approximate under eulerian / advective weights.
     max_push: tames the tilt's push to at most max_push x the step's noise norm, per particle, with the
           matching weight correction (the kernel ratio untamed / tamed push), so that a steep reward
-          gradient cannot throw a particle across the space in one step. None: off.
+          gradient cannot throw a particle across the space in one step. None: off. Under twisted weights the
+          correction for a push several times the noise makes the weights heavy-tailed: on the bench's ring at
+          beta 2 the default 4 leaves a finite-N bias of 3.7-6.3 standard errors at N 1000 that 1 removes
+          (docs/weights.md, bench/results/weights_ring_twisted.md).
     search_steps: number of top-k selections in search mode, spread over the first 3/4 of the grid.
     search_keep: particles kept at each search selection (default N // 4, at least 1).
     weights: how exact mode weighs each step (docs/weights.md; measured in bench/results/weights.md).

@@ -125,8 +125,13 @@ class TwistedWeights(WeightRule):
         self.potential = torch.zeros(pop.count, dtype=torch.float64)  # beta lambda_k r_k of each path
         self.pending = torch.zeros(pop.count, dtype=torch.float64)    # kernel ratio of the last move
 
+    def twist(self, k, r, x):
+        """The log-potential of step k per particle, beta lambda_k r_k. Any function of x_k keeps the weights exact
+        (they telescope); how close it is to log E[exp(beta lambda_k r(x1)) | x_k] decides their variance."""
+        return self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+
     def increment(self, k, r, x, d):
-        new = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
+        new = self.twist(k, r, x)
         inc = _finite_or_neginf(new - self.potential + self.pending, r)
         self.potential, self.pending = new, torch.zeros_like(self.pending)
         return inc
@@ -282,9 +287,11 @@ class AutoWeights(WeightRule):
     pushes harder (steep rewards, little noise, the authors' toy), twisted weights degenerate (measured:
     bench/bench_toy.py) and the advective increment, deterministic given x_k, takes over for that step (one
     look-ahead forward). The largest particle decides: one particle near a basin boundary, where
-    |grad r_t| through a flow map is huge, makes the whole step advective."""
+    |grad r_t| through a flow map is huge, makes the whole step advective. Other per-step criteria
+    (twisted_step) and Jarzynski increments (jarzynski) are subclasses: bench/bench_weights.py measures some."""
 
     prices_push = False   # on twisted steps only; advective steps correct a tamed push to O(h)
+    jarzynski_name = "advective"  # the trace's name for the steps that are not twisted
 
     def __init__(self, pop, lam, beta, times, loop, eta, sde_step, quiet=QUIET_NOISE_RATE, **kw):
         super().__init__(pop, **kw)
@@ -299,27 +306,34 @@ class AutoWeights(WeightRule):
     def tilted(self, k, g):
         self.force = g
 
-    def _noise_rate(self, k) -> float:
-        """Largest (sigma |g| / 2)^2 / h over the particles: the twisted increment's noise variance per unit
-        time for the particle the tilt pushes hardest. The largest, not the mean: one particle with a large
-        twisted increment is enough to take over the weights."""
+    def noise_variance(self, k) -> torch.Tensor:
+        """(sigma |g| / 2)^2 per particle: the variance of the log-weight noise a twisted step k would add."""
         if self.force is None:
-            return 0.0
-        t, t_next = float(self.times[k]), float(self.times[k + 1])
-        sigma = step_noise(t, t_next, self.eta, self.sde_step)
+            return torch.zeros(self.pop.count, dtype=torch.float64)
+        sigma = step_noise(float(self.times[k]), float(self.times[k + 1]), self.eta, self.sde_step)
         push2 = (0.5 * sigma * self.force.flatten(1).double().norm(dim=1).cpu()) ** 2
-        return float(self.pop.max(torch.nan_to_num(push2, nan=0.0, posinf=math.inf))) / (t_next - t)
+        return torch.nan_to_num(push2, nan=0.0, posinf=math.inf)
+
+    def twisted_step(self, k, r, x, d) -> bool:
+        """Is step k twisted? When the largest noise_variance per unit time is at most `quiet`. The largest,
+        not the mean: one particle with a large twisted increment is enough to take over the weights."""
+        h = float(self.times[k + 1] - self.times[k])
+        return float(self.pop.max(self.noise_variance(k))) / h <= self.quiet
+
+    def jarzynski(self, k, r, x, d):
+        """(increment, Eulerian defect or None) of a step that is not twisted: the advective increment."""
+        return advective_increment(self.loop, self.lam, self.beta, self.times, k, r, x, d)
 
     def increment(self, k, r, x, d):
         lam_r = self.beta * float(self.lam[k]) * torch.nan_to_num(r, neginf=0.0)
         inc = (lam_r - self.potential if self.twisted_open else 0.0) + self.pending
-        self.twisted_open = self._noise_rate(k) <= self.quiet
-        self.step_rule, self.last_defect = ("twisted" if self.twisted_open else "advective"), None
+        self.twisted_open = self.twisted_step(k, r, x, d)
+        self.step_rule, self.last_defect = ("twisted" if self.twisted_open else self.jarzynski_name), None
         if self.twisted_open:
             self.potential = lam_r
         else:
-            advective, self.last_defect = advective_increment(self.loop, self.lam, self.beta, self.times, k, r, x, d)
-            inc = inc + advective
+            jarzynski, self.last_defect = self.jarzynski(k, r, x, d)
+            inc = inc + jarzynski
         self.pending = torch.zeros_like(self.pending)
         return _finite_or_neginf(inc, r)
 

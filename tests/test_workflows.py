@@ -156,8 +156,8 @@ def test_the_note_check_can_fail():
     workflow = wt.load_workflow(next(p for p in PATHS if p.stem.endswith("flowmap_lora_pickscore")))
     sampler = next(n for n in workflow["nodes"] if n["type"] == "FMTTSampler")
     sampler["widgets_values"][wt.widget_names(SIGS["FMTTSampler"]).index("weights")] = "eulerian"
-    assert note_problems(workflow) == ["the note says weights auto, the sampler's widget is eulerian"]
+    assert note_problems(workflow) == ["the note says weights twisted, the sampler's widget is eulerian"]
     note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")
-    note["widgets_values"][0] = note["widgets_values"][0].replace("weights widget is auto", "sampler uses Eulerian "
+    note["widgets_values"][0] = note["widgets_values"][0].replace("weights widget is twisted", "sampler uses Eulerian "
                                                                   "weights")
     assert note_problems(workflow) == []  # now the note and the widget agree
