@@ -1,5 +1,7 @@
-"""FMRG's FLUX two-time flow-map LoRA (DualTimeEmbedder + diffusers LoRA) read onto ComfyUI's Flux as the pack's one
-two-time mechanism, a TwoTimeAdapter (nodes/two_time.py), which the look-ahead then runs like any trained flow map.
+"""FMRG's FLUX two-time flow-map LoRA format (DualTimeEmbedder + diffusers LoRA) and the pack's one two-time mechanism,
+a TwoTimeAdapter (nodes/two_time.py): a file is read onto ComfyUI's Flux as an adapter (fmrg_adapter), which the
+look-ahead runs like any trained flow map, and a FLUX adapter the trainer made is written as such a file
+(write_fmrg_format), so FMRG's own code loads it.
 
 What the file means is fmtt_core.flow_maps.two_time_lora's business; this module maps it onto ComfyUI's modules:
 
