@@ -187,16 +187,16 @@ class TwoTimeAdapter(torch.nn.Module):
         device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own, each clone
         installed in turn inside the main model's installation).
         For training, install per step: side_lora casts the matrices to the model's device and dtype on entry; the
-        copies the optimiser trains are used where they are (built on the model's device)."""
+        copies the optimiser trains are used where they are (built on the model's device; moved there otherwise)."""
         dm = base_model.diffusion_model
         device = torch.device(device if device is not None else comfy.model_management.get_torch_device())
         copies = self.copies
-        if not all(_same_device(p.device, device) for p in copies.parameters()):  # a file: frozen copies there
-            if any(p.requires_grad for p in copies.parameters()):
-                raise FMTTInputError("FMTT: internal error, the trained second time embedder is not on the model's "
-                                     f"device ({device}).")
+        if not all(_same_device(p.device, device) for p in copies.parameters()):
             with torch.inference_mode(False):
-                copies = copy.deepcopy(copies).to(device)
+                if any(p.requires_grad for p in copies.parameters()):
+                    copies.to(device)  # trained: moved in place, the optimiser keeps the same Parameters
+                else:  # a loaded file: a frozen copy for this device (MultiGPU clones each get their own)
+                    copies = copy.deepcopy(copies).to(device)
         outer = self._model_sampling
         _set_model_sampling(self, base_model.model_sampling)
         handles = [getattr(dm, name).register_forward_hook(
