@@ -70,26 +70,45 @@ class _RecomputedBlock(torch.autograd.Function):
     torch.utils.checkpoint does not fit ComfyUI's blocks: they update activations in place (x += ...) after autograd
     saved them, and its recompute keeps saved tensors as views that those updates overwrite (silently wrong
     gradients). This recompute saves copies instead, like the un-checkpointed path, one block at a time.
-    Gradients flow to the call's tensors (also inside tuples, lists and dicts); other objects are constants.
+    Gradients flow to the call's tensors (also inside tuples, lists and dicts) and to the `beside` tensors the block
+    uses without taking them as arguments (a LoRA being trained beside the weights); other objects are constants.
     """
 
     @staticmethod
-    def forward(ctx, run, outputs_box, *tensors):
-        ctx.run = run
+    def forward(ctx, run, outputs_box, n_args, *tensors):
+        ctx.run, ctx.n_args = run, n_args
         ctx.save_for_backward(*tensors)
-        outputs, outputs_box["rebuild"] = _tensor_leaves(run(tensors))
+        outputs, outputs_box["rebuild"] = _tensor_leaves(run(tensors[:n_args]))
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        saved, n = ctx.saved_tensors, ctx.n_args
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved[:n], ctx.needs_input_grad[3:])]
+        beside = list(saved[n:])  # used by the block as they are (not detached): the recompute reaches them
         with torch.enable_grad(), _clone_saved_activations():
             outputs, _ = _tensor_leaves(ctx.run(inputs))
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
-        wanted = [t for t in inputs if t.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad] + beside
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if pairs and wanted else [None] * len(wanted))
-        return (None, None, *(next(grads) if t.requires_grad else None for t in inputs))
+        return (None, None, None, *(next(grads) if t.requires_grad else None for t in inputs),
+                *(next(grads) for _ in beside))
+
+
+_BESIDE: contextvars.ContextVar = contextvars.ContextVar("fmtt_trained_beside", default=())
+
+
+@contextlib.contextmanager
+def trained_beside(tensors):
+    """Inside: recomputed blocks also deliver gradients to these tensors, which the blocks' modules use without
+    taking them as arguments (a LoRA beside the weights, nodes/side_lora.py, while it is being trained). Without
+    this a recomputed block differentiates only its arguments, and a LoRA inside it gets no gradient."""
+    token = _BESIDE.set(_BESIDE.get() + tuple(t for t in tensors if t.requires_grad))
+    try:
+        yield
+    finally:
+        _BESIDE.reset(token)
 
 
 def _recomputed(block_forward):
@@ -99,7 +118,8 @@ def _recomputed(block_forward):
 
     def forward(*args, **kwargs):
         tensors, rebuild_call = _tensor_leaves((args, kwargs))
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        beside = _BESIDE.get()
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*tensors, *beside))):
             return block_forward(*args, **kwargs)  # nothing to differentiate: the plain call
         # The recompute runs in the context variables of this call (a flow-map LoRA is active only inside its
         # look-ahead calls), whichever thread runs the backward pass.
@@ -110,7 +130,7 @@ def _recomputed(block_forward):
             return context.run(block_forward, *call_args, **call_kwargs)
 
         box = {}
-        outputs = _RecomputedBlock.apply(run, box, *tensors)
+        outputs = _RecomputedBlock.apply(run, box, len(tensors), *tensors, *beside)
         return box["rebuild"](outputs)
 
     return forward

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -38,6 +37,7 @@ from ..fmtt_core.memory import FMTTMemoryError, mib
 from . import memory_guard
 from .autograd import differentiable
 from .clocks import clock_of, family_of, guided_parts
+from .flux_flow_map import write_fmrg_format
 from .two_time import TwoTimeAdapter, model_fingerprint
 
 PREVIEW_JUMPS = (1, 2, 4)
@@ -380,47 +380,6 @@ def loss_plot(losses: list[float]) -> torch.Tensor:
 def write_pack_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) -> None:
     lora, second = adapter.tensors()
     save_two_time_lora(path, lora, second, metadata)
-
-
-FMRG_EMBEDDERS = {"time_in": "timestep_embedder", "guidance_in": "guidance_embedder", "vector_in": "text_embedder"}
-FMRG_LAYERS = {"in_layer": "linear_1", "out_layer": "linear_2"}
-# Other names ComfyUI's map accepts for the same weights (LyCORIS, FLUX.2); FLUX.1's diffusers model has none of them.
-FMRG_ALIASES = re.compile(r"linear_in|linear_out|to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out\.")
-
-
-def write_fmrg_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) -> None:
-    """A FLUX flow map in FMRG's format (diffusers / peft names, DualTimeEmbedder paths; two_time_lora.py), so FMRG's
-    own code loads it with `load_lora_weights` unchanged. ComfyUI's fused qkv / linear1 LoRAs are split into the
-    q / k / v / mlp row slices diffusers keeps apart (same down, the up's rows): the same delta W, exactly."""
-    from safetensors.torch import save_file
-    lora, second = adapter.tensors()
-    targets: dict[str, list[tuple[str, tuple | None]]] = {}
-    for name, target in comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="").items():
-        if FMRG_ALIASES.search(name):
-            continue
-        if isinstance(target, str):
-            targets.setdefault(target, []).append((name, None))
-        elif target[1] is not None:
-            targets.setdefault(target[0], []).append((name, (int(target[1][1]), int(target[1][2]))))
-    tensors = {}
-
-    def put(module: str, down: torch.Tensor, up: torch.Tensor):
-        tensors[f"transformer.{module}.lora_A.weight"] = down.float().cpu().clone()  # one per diffusers layer
-        tensors[f"transformer.{module}.lora_B.weight"] = up.float().cpu().clone()
-
-    for path_, (down, up) in lora.items():
-        found = targets.get(path_ + ".weight", [])
-        if not found:
-            raise FMTTInputError(f"FMTT: internal error, the FLUX layer {path_} has no diffusers name.")
-        for name, rows in found:
-            module = name.removesuffix(".weight").replace("time_text_embed.", "time_text_embed.original_embedder.", 1)
-            put(module, down, up if rows is None else up[rows[0]:rows[0] + rows[1]])
-    for path_, (down, up) in second.items():
-        embedder, layer = path_.split(".")
-        put(f"time_text_embed.second_embedder.{FMRG_EMBEDDERS[embedder]}.{FMRG_LAYERS[layer]}", down, up)
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, {"fmtt.trained": json.dumps(metadata)})
-    os.replace(tmp, path)
 
 
 def writer_for(adapter: TwoTimeAdapter):

@@ -1,40 +1,34 @@
-"""A FLUX two-time flow-map LoRA (FMRG's DualTimeEmbedder + diffusers LoRA) on ComfyUI's Flux, as a look-ahead.
+"""FMRG's FLUX two-time flow-map LoRA format (DualTimeEmbedder + diffusers LoRA) and the pack's one two-time mechanism,
+a TwoTimeAdapter (nodes/two_time.py): a file is read onto ComfyUI's Flux as an adapter (fmrg_adapter), which the
+look-ahead runs like any trained flow map, and a FLUX adapter the trainer made is written as such a file
+(write_fmrg_format), so FMRG's own code loads it.
 
-What the file means is fmtt_core.flow_maps.two_time_lora's business; this module puts it on ComfyUI's modules:
+What the file means is fmtt_core.flow_maps.two_time_lora's business; this module maps it onto ComfyUI's modules:
 
 * LoRA keys go through ComfyUI's own diffusers -> ComfyUI mapping (comfy.lora.model_lora_keys_unet, built on
-  comfy.utils.flux_to_diffusers): to_q / to_k / to_v land in row slices of the fused qkv / linear1 weights, the
-  final layer's scale / shift halves are swapped, exactly as ComfyUI's LoraLoader would merge them.
-* The LoRA runs *beside* the weights (nodes/side_lora.py: out = W x + s up(down(x))), and only inside the
-  look-ahead's calls: the base sampler keeps calling the same loaded model without it, so the user's MODEL is never
-  modified and no second copy of the 12B weights exists (a weight-patched clone would make ComfyUI swap all weights
-  at every look-ahead call).
-* The second time embedder is a copy of the model's time_in / guidance_in / vector_in with the file's LoRA (or
-  full tensors) merged in; while the look-ahead runs, each of the three returns the mean of itself and its copy,
-  the copy's time_in embedding sigma' instead of sigma: vec = (E1(sigma) + E2(sigma')) / 2, FMRG's DualTimeEmbedder.
-
-The LoRA and sigma' are "active" through context variables set around each look-ahead evaluation; block recompute
-(autograd.py) restores the call's context in the backward pass, so gradients see the same model the forward pass did.
+  comfy.utils.flux_to_diffusers) into the adapter's SideLoRA: to_q / to_k / to_v land in row slices of the fused
+  qkv / linear1 weights, the final layer's scale / shift halves are swapped, exactly as ComfyUI's LoraLoader would
+  merge them, and the LoRA runs beside the weights only inside the look-ahead's calls (nodes/side_lora.py).
+* The second embedder's LoRA (`time_text_embed.second_embedder.*`) becomes the LoRA of the adapter's copies of
+  time_in / guidance_in / vector_in (diffusers' timestep / guidance / text embedder), with the file's scale and the
+  strength in its up matrix; full tensors (a `modules_to_save` save) and peft's lora_B biases replace the copy's
+  weight / bias. The adapter averages each embedder with its copy, the copy of time_in embedding sigma':
+  vec = (E1(sigma) + E2(sigma')) / 2, FMRG's DualTimeEmbedder.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from dataclasses import dataclass, field
+import json
+import os
+import re
 
 import comfy.model_base
-import comfy.model_management
 import comfy.utils
 import torch
-from comfy.ldm.flux.layers import timestep_embedding
 
-from ..fmtt_core import FlowMapLookahead, FMTTInputError
-from ..fmtt_core.flow_maps import TwoTimeLoRA, average_embeddings, inspect_two_time_lora, jump_from_denoiser
-from .lookahead_specs import BesideTheWeights
-from .side_lora import SideLoRA, forwards_replaced
-
-EMBEDDERS = {"timestep_embedder": "time_in", "guidance_embedder": "guidance_in", "text_embedder": "vector_in"}
-_SIGMA_NEXT: contextvars.ContextVar = contextvars.ContextVar("fmtt_flux_flow_map_sigma_next", default=None)
+from ..fmtt_core import FMTTInputError
+from ..fmtt_core.flow_maps import TwoTimeLoRA, inspect_two_time_lora
+from .side_lora import SideLoRA
+from .two_time import TwoTimeAdapter, family_of
 
 
 def check_flux(model) -> None:
@@ -46,110 +40,61 @@ def check_flux(model) -> None:
                              "Connect the FLUX.1-dev model (Load Diffusion Model with flux1-dev).")
 
 
-@dataclass(eq=False)
-class FluxFlowMapPatch:
-    """The file mapped onto a FLUX MODEL: the base layers' LoRA (side_lora), and the second embedder's weights."""
-
-    info: TwoTimeLoRA
-    strength: float
-    unet_config: dict
-    lora: SideLoRA  # the base layers' LoRA, beside the weights
-    second: dict[str, dict[str, object]] = field(default_factory=dict)  # "time_in" -> {"in_layer": delta / full}
-
-    @classmethod
-    def build(cls, model, info: TwoTimeLoRA, tensors: dict[str, torch.Tensor], strength: float) -> FluxFlowMapPatch:
-        check_flux(model)
-        base = model.model
+def fmrg_adapter(model, path: str, strength: float) -> TwoTimeAdapter:
+    """FMRG's file on this FLUX MODEL: its base layers' LoRA as a SideLoRA, its second embedder's as the copies'."""
+    info = inspect_two_time_lora(path)  # the header only: wrong files are refused before anything is loaded
+    check_flux(model)
+    with torch.inference_mode(False):
+        tensors = info.load_tensors()
+        second, replaced = _second_embedder(model, info, tensors, strength)
         file_name = info.path.rsplit("/", 1)[-1]
-        state = base.state_dict()
-        second, unmatched, wrong = {}, [], []
-        diffusers_to_comfy = comfy.utils.flux_to_diffusers(base.model_config.unet_config,
-                                                           output_prefix="diffusion_model.")
-        for name, value in [*info.second.items(), *info.second_full.items()]:
-            sub = name if name in info.second else name.rsplit(".", 1)[0]
-            target = diffusers_to_comfy.get(f"time_text_embed.{sub}.weight")
-            if not isinstance(target, str) or target not in state:
-                unmatched.append("second_embedder." + name)
-                continue
-            embedder, layer_name = target.removeprefix("diffusion_model.").removesuffix(".weight").split(".")
-            if name in info.second:  # a LoRA on the copy: delta W (and delta b), merged into the copy at sampling time
-                delta = value.delta(tensors) * strength
-                if delta.shape != state[target].shape:
-                    wrong.append(f"second_embedder.{name}: {tuple(delta.shape)} vs {tuple(state[target].shape)}")
-                    continue
-                second.setdefault(embedder, {})[layer_name] = delta
-                if value.bias is not None:
-                    second[embedder][f"{layer_name}.bias"] = value.bias_delta(tensors) * strength
-            else:  # a full tensor replacing the copy's weight or bias
-                kind = name.rsplit(".", 1)[1]
-                second.setdefault(embedder, {})[f"{layer_name}.{kind}="] = tensors[value].float()
-        if unmatched:
-            raise FMTTInputError(
-                f"FMTT: {len(unmatched)} layer(s) of '{file_name}' match nothing in this FLUX model "
-                f"(e.g. {', '.join(unmatched[:4])}). The LoRA was made for another model: use the FLUX.1-dev it was "
-                "trained on (FMRG's LoRA needs FLUX.1-dev with its guidance embedder).")
-        if wrong:
-            raise FMTTInputError(f"FMTT: the LoRA's shapes do not fit this FLUX model ({'; '.join(wrong[:3])}): it is "
-                                 "for another model size. Use the FLUX.1-dev it was trained on.")
         try:
-            lora = SideLoRA.build(model, comfy_named(info, tensors), strength, file_name)
+            side = SideLoRA.build(model, comfy_named(info, tensors), strength, file_name)
         except FMTTInputError as e:  # the base layers: the same fix as above, in FLUX.1-dev's words
             raise FMTTInputError(f"{e} (FMRG's LoRA needs the FLUX.1-dev it was trained on, with its guidance "
                                  "embedder.)") from None
-        return cls(info, strength, dict(base.model_config.unet_config), lora, second)
+        return TwoTimeAdapter(family_of(model.model), model, {}, second, trainable=False, name=file_name, side=side,
+                              replaced=replaced)
 
-    # ---------------------------------------------------------------- on the loaded model, while sampling
 
-    def _second_embedders(self, dm, device) -> dict[str, torch.nn.Module]:
-        """Copies of time_in / guidance_in / vector_in with the file's second-embedder weights, in float32."""
-        copies = {}
-        with torch.inference_mode(False):
-            for embedder in EMBEDDERS.values():
-                original = getattr(dm, embedder, None)
-                if original is None:
-                    continue
-                changes = self.second.get(embedder, {})
-                layers = []
-                for layer_name in ("in_layer", "out_layer"):
-                    src = getattr(original, layer_name)
-                    w = changes.get(f"{layer_name}.weight=", src.weight).detach().to(device, torch.float32).clone()
-                    b = changes.get(f"{layer_name}.bias=", src.bias)
-                    b = None if b is None else b.detach().to(device, torch.float32).clone()
-                    if layer_name in changes:
-                        w = w + changes[layer_name].to(device)
-                    if f"{layer_name}.bias" in changes:
-                        b = b + changes[f"{layer_name}.bias"].to(device)
-                    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device)
-                    linear.weight = torch.nn.Parameter(w, requires_grad=False)
-                    if b is not None:
-                        linear.bias = torch.nn.Parameter(b, requires_grad=False)
-                    layers.append(linear)
-                copies[embedder] = torch.nn.Sequential(layers[0], torch.nn.SiLU(), layers[1])
-        return copies
-
-    @contextlib.contextmanager
-    def installed(self, base_model, device=None):
-        """The LoRA's hooks and the dual embedders on the loaded model for a sampling run; they act only while
-        `active`. device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own)."""
-        if dict(base_model.model_config.unet_config) != self.unet_config:
-            raise FMTTInputError("FMTT: the flow-map LoRA look-ahead was loaded on another model than the one being "
-                                 "sampled; connect the same FLUX.1-dev MODEL to both.")
-        dm = base_model.diffusion_model
-        device = device if device is not None else comfy.model_management.get_torch_device()
-        dual = {getattr(dm, embedder): lambda forward, copy=copy, embedder=embedder: _dual_forward(
-            forward, copy, embedder == "time_in") for embedder, copy in self._second_embedders(dm, device).items()}
-        with forwards_replaced(dual), self.lora.installed(base_model, device):
-            yield
-
-    @contextlib.contextmanager
-    def active(self, sigma_next: torch.Tensor):
-        """Inside: the model is the two-time model at (sigma, sigma'), sigma' one per row of the caller's batch."""
-        token = _SIGMA_NEXT.set(sigma_next.detach().reshape(-1))
-        try:
-            with self.lora.active():
-                yield
-        finally:
-            _SIGMA_NEXT.reset(token)
+def _second_embedder(model, info: TwoTimeLoRA, tensors: dict, strength: float) -> tuple[dict, dict]:
+    """The file's `second_embedder.*` under the adapter's names ("time_in.in_layer"): ({name: (down, up)} with the
+    LoRA's scale and the strength in up, {name: {"weight" / "bias": tensor}} for what the file replaces)."""
+    base = model.model
+    file_name = info.path.rsplit("/", 1)[-1]
+    state = base.state_dict()
+    diffusers_to_comfy = comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="diffusion_model.")
+    second, replaced, unmatched, wrong = {}, {}, [], []
+    for name, value in [*info.second.items(), *info.second_full.items()]:
+        sub = name if name in info.second else name.rsplit(".", 1)[0]
+        target = diffusers_to_comfy.get(f"time_text_embed.{sub}.weight")
+        if not isinstance(target, str) or target not in state:
+            unmatched.append("second_embedder." + name)
+            continue
+        layer = target.removeprefix("diffusion_model.").removesuffix(".weight")  # "time_in.in_layer"
+        if name not in info.second:  # a full tensor replacing the copy's weight or bias
+            replaced.setdefault(layer, {})[name.rsplit(".", 1)[1]] = tensors[value].float()
+            continue
+        down, up = tensors[value.down].float(), tensors[value.up].float() * (value.scale * strength)
+        if (up.shape[0], down.shape[1]) != tuple(state[target].shape):
+            wrong.append(f"second_embedder.{name}: {(up.shape[0], down.shape[1])} vs {tuple(state[target].shape)}")
+            continue
+        second[layer] = (down, up)
+        if value.bias is not None:  # peft's lora_B bias: added to the copy's bias
+            replaced.setdefault(layer, {})["bias_delta"] = value.bias_delta(tensors) * strength
+    if unmatched:
+        raise FMTTInputError(
+            f"FMTT: {len(unmatched)} layer(s) of '{file_name}' match nothing in this FLUX model "
+            f"(e.g. {', '.join(unmatched[:4])}). The LoRA was made for another model: use the FLUX.1-dev it was "
+            "trained on (FMRG's LoRA needs FLUX.1-dev with its guidance embedder).")
+    if wrong:
+        raise FMTTInputError(f"FMTT: the LoRA's shapes do not fit this FLUX model ({'; '.join(wrong[:3])}): it is "
+                             "for another model size. Use the FLUX.1-dev it was trained on.")
+    for layer, new in replaced.items():
+        delta = new.pop("bias_delta", None)
+        if delta is not None:
+            new["bias"] = new.get("bias", state[f"diffusion_model.{layer}.bias"].float()) + delta
+    return second, replaced
 
 
 def comfy_named(info: TwoTimeLoRA, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,65 +111,42 @@ def comfy_named(info: TwoTimeLoRA, tensors: dict[str, torch.Tensor]) -> dict[str
     return named
 
 
-def _rows(sigma_next: torch.Tensor, n: int) -> torch.Tensor:
-    """sigma' for the model's batch: ComfyUI stacks the caller's rows once per condition (cond, uncond, ...)."""
-    if n % sigma_next.shape[0]:
-        raise FMTTInputError(f"FMTT: internal error, the model batch ({n}) is not a multiple of the look-ahead batch "
-                             f"({sigma_next.shape[0]}).")
-    return sigma_next.repeat(n // sigma_next.shape[0])
+FMRG_EMBEDDERS = {"time_in": "timestep_embedder", "guidance_in": "guidance_embedder", "vector_in": "text_embedder"}
+FMRG_LAYERS = {"in_layer": "linear_1", "out_layer": "linear_2"}
+# Other names ComfyUI's map accepts for the same weights (LyCORIS, FLUX.2); FLUX.1's diffusers model has none of them.
+FMRG_ALIASES = re.compile(r"linear_in|linear_out|to_qkv_mlp_proj|single_transformer_blocks\.\d+\.attn\.to_out\.")
 
 
-def _dual_forward(forward, second, embeds_time: bool):
-    def dual_forward(e, *args, **kwargs):
-        first = forward(e, *args, **kwargs)
-        sigma_next = _SIGMA_NEXT.get()
-        if sigma_next is None:
-            return first
-        if embeds_time:  # the copy embeds sigma', the original sigma (its input e)
-            e = timestep_embedding(_rows(sigma_next, e.shape[0]).to(e.device, torch.float32), e.shape[-1])
-        return average_embeddings(first, second(e.float()).to(first.dtype))
+def write_fmrg_format(adapter: TwoTimeAdapter, base, metadata: dict, path: str) -> None:
+    """A FLUX flow map in FMRG's format (diffusers / peft names, DualTimeEmbedder paths; two_time_lora.py), so FMRG's
+    own code loads it with `load_lora_weights` unchanged. ComfyUI's fused qkv / linear1 LoRAs are split into the
+    q / k / v / mlp row slices diffusers keeps apart (same down, the up's rows): the same delta W, exactly."""
+    from safetensors.torch import save_file
+    lora, second = adapter.tensors()
+    targets: dict[str, list[tuple[str, tuple | None]]] = {}
+    for name, target in comfy.utils.flux_to_diffusers(base.model_config.unet_config, output_prefix="").items():
+        if FMRG_ALIASES.search(name):
+            continue
+        if isinstance(target, str):
+            targets.setdefault(target, []).append((name, None))
+        elif target[1] is not None:
+            targets.setdefault(target[0], []).append((name, (int(target[1][1]), int(target[1][2]))))
+    tensors = {}
 
-    return dual_forward
+    def put(module: str, down: torch.Tensor, up: torch.Tensor):
+        tensors[f"transformer.{module}.lora_A.weight"] = down.float().cpu().clone()  # one per diffusers layer
+        tensors[f"transformer.{module}.lora_B.weight"] = up.float().cpu().clone()
 
-
-@dataclass(frozen=True, eq=False)
-class FluxFlowMapLoRALookahead(BesideTheWeights):
-    """(e) FLUX.1-dev's two-time flow-map LoRA: X_{t,1} in `jumps` jumps of the base model run as a flow map."""
-
-    patch: FluxFlowMapPatch
-    name: str
-    jumps: int = 1
-    checkpoint: bool = False
-    kind = "flow_map"
-
-    def describe(self) -> str:
-        return (f"FLUX flow-map LoRA '{self.name}' (strength {self.patch.strength:g}), {self.jumps} jump(s), "
-                f"{self.jumps} model call(s) per look-ahead")
-
-    def flow_map(self, denoiser):
-        """X(x, s, t) in the core clock from the base sampler's denoiser D(x, s) (its conditioning, its guidance):
-        the model called as the two-time model at (sigma, sigma') = (1 - s, 1 - t)."""
-
-        def jump(x, s, t):
-            s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(x.shape[0])
-            t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-            with self.patch.active(1 - t):
-                denoised = denoiser(x, s)
-            return jump_from_denoiser(x, s, t, denoised)
-
-        return jump
-
-    def build(self, denoiser, companion=None):
-        return FlowMapLookahead(self.flow_map(denoiser), jumps=self.jumps, checkpoint=self.checkpoint)
-
-    def installed(self, base_model, device=None):
-        return self.patch.installed(base_model, device)
-
-
-def load_lookahead(model, path: str, name: str, strength: float, jumps: int, checkpoint: bool):
-    info = inspect_two_time_lora(path)  # the header only: wrong files are refused before anything is loaded
-    check_flux(model)
-    with torch.inference_mode(False):
-        tensors = info.load_tensors()
-        patch = FluxFlowMapPatch.build(model, info, tensors, strength)
-    return FluxFlowMapLoRALookahead(patch, name, jumps, checkpoint)
+    for path_, (down, up) in lora.items():
+        found = targets.get(path_ + ".weight", [])
+        if not found:
+            raise FMTTInputError(f"FMTT: internal error, the FLUX layer {path_} has no diffusers name.")
+        for name, rows in found:
+            module = name.removesuffix(".weight").replace("time_text_embed.", "time_text_embed.original_embedder.", 1)
+            put(module, down, up if rows is None else up[rows[0]:rows[0] + rows[1]])
+    for path_, (down, up) in second.items():
+        embedder, layer = path_.split(".")
+        put(f"time_text_embed.second_embedder.{FMRG_EMBEDDERS[embedder]}.{FMRG_LAYERS[layer]}", down, up)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, {"fmtt.trained": json.dumps(metadata)})
+    os.replace(tmp, path)

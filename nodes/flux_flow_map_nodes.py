@@ -1,14 +1,12 @@
 """Nodes for flow-map LoRAs: the FLUX two-time flow-map LoRA as a look-ahead, and few-step flow-map sampling."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
 from .flow_map_sampler import flow_map_sampler
-from .flux_flow_map import load_lookahead
 from .folders import FLOW_MAPS, file_path
+from .two_time_lookahead import load_lookahead
 from .types import CATEGORY, Lookahead, Reward
 
 LORA_FOLDERS = (FLOW_MAPS, "loras")
@@ -56,7 +54,7 @@ class FluxFlowMapLookaheadNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength, jumps, checkpoint) -> io.NodeOutput:
         path = lora_path(lora_name)
-        return io.NodeOutput(load_lookahead(model, path, os.path.basename(lora_name), strength, jumps, checkpoint))
+        return io.NodeOutput(load_lookahead(model, path, jumps, checkpoint, strength))
 
 
 class FlowMapSamplerNode(io.ComfyNode):

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..fmtt_core import FMTTInputError
 from ..fmtt_core.flow_maps import family_of
+from .autograd import trained_beside
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("fmtt_side_lora", default=frozenset())
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1.", "te2.", "text_encoders.", "lora_text_encoder")
@@ -212,8 +213,12 @@ class SideLoRA:
         with torch.inference_mode(False):
             on_device = {path: [p.to(device, dtype) for p in pieces] for path, pieces in self.pieces.items()}
         modules = {path: dm.get_submodule(path) for path in on_device}
+        # A LoRA being trained (the flow-map trainer's): recomputed blocks must differentiate its matrices too.
+        trained = [t for pieces in on_device.values() for p in pieces for t in (p.down, p.up, p.bias)
+                   if t is not None and t.requires_grad]
         with forwards_replaced({modules[path]: lambda forward, path=path: _side_forward(
-                self, forward, on_device[path], modules[path].weight.shape[0]) for path in on_device}):
+                self, forward, on_device[path], modules[path].weight.shape[0]) for path in on_device}), \
+                trained_beside(trained):
             yield
 
     @contextlib.contextmanager

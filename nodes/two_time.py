@@ -24,6 +24,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.model_sampling
 import torch
 import torch.nn.functional as F
@@ -100,16 +101,22 @@ def model_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
 
 
 class LoRALinear(torch.nn.Module):
-    """A Linear of the second embedder with its LoRA: x -> x (W + up down)^T + b (W, b frozen, the model's own)."""
+    """A Linear of the second embedder with its LoRA: x -> x (W + up down)^T + b (W, b frozen: the model's own, or
+    the file's where it replaces them, as FMRG's files may)."""
 
-    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, trainable: bool):
+    def __init__(self, linear: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor, trainable: bool,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         super().__init__()
+        device = linear.weight.device  # all on the model's device: installed() uses them there as they are
+
+        def frozen(t):
+            return None if t is None else torch.nn.Parameter(t.detach().to(device).clone().float(),
+                                                            requires_grad=False)
         with torch.inference_mode(False):
-            self.weight = torch.nn.Parameter(linear.weight.detach().clone().float(), requires_grad=False)
-            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone().float(),
-                                                                             requires_grad=False)
-            self.down = torch.nn.Parameter(down.detach().clone().float(), requires_grad=trainable)
-            self.up = torch.nn.Parameter(up.detach().clone().float(), requires_grad=trainable)
+            self.weight = frozen(linear.weight if weight is None else weight)
+            self.bias = frozen(linear.bias if bias is None else bias)
+            self.down = torch.nn.Parameter(down.detach().to(device).clone().float(), requires_grad=trainable)
+            self.up = torch.nn.Parameter(up.detach().to(device).clone().float(), requires_grad=trainable)
 
     def forward(self, x):
         return F.linear(x.to(self.weight.dtype), self.weight + self.up @ self.down, self.bias)
@@ -121,27 +128,35 @@ class TwoTimeAdapter(torch.nn.Module):
 
     lora[path]    = (down [r, in], up [out, r]) on the model's Linear `path` (ComfyUI's module path)
     copies[name]  = the copied embedder; its Linears are LoRALinear (second[name.sub] = their (down, up))
+
+    Every two-time file is read into one: the pack's own (`base`, `second`), and FMRG's FLUX LoRA
+    (nodes/flux_flow_map.py), whose base layers come as a SideLoRA built from its diffusers names (`side`) and whose
+    second-embedder changes may also replace a copied Linear's weight or bias (`replaced[name.sub]`).
     """
 
-    def __init__(self, family: Family, model, base: dict, second: dict, trainable: bool, name: str):
+    def __init__(self, family: Family, model, base: dict, second: dict, trainable: bool, name: str,
+                 side: SideLoRA | None = None, replaced: dict | None = None):
         super().__init__()
         self.family, self.name = family, name
         dm = model.model.diffusion_model
         self.lora = _pairs(base, trainable)
         self.copies = torch.nn.ModuleDict()
+        replaced = replaced or {}
         with torch.inference_mode(False):
             for embedder in family.embedders:
                 module = getattr(dm, embedder, None)
                 if module is not None:
-                    self.copies[embedder] = _lora_copy(module, embedder, second, trainable)
-        unused = sorted(set(second) - {p for p, _ in self.second_pairs()})
+                    self.copies[embedder] = _lora_copy(module, embedder, second, trainable, replaced)
+        copied = {f"{e}.{sub}" for e, c in self.copies.items() for sub, m in c.named_modules()
+                  if isinstance(m, LoRALinear)}
+        unused = sorted((set(second) | set(replaced)) - copied)
         if unused:
             raise FMTTInputError(f"FMTT: '{name}' has second-embedder layers this {family.name} model lacks "
                                  f"({', '.join(unused[:3])}): it was trained on another model.")
         tensors = {f"diffusion_model.{path}.lora_{side}.weight": t
                    for path, (down, up) in _items(self.lora) for side, t in (("down", down), ("up", up))}
         # SideLoRA holds these very Parameters (no copy): it applies what the optimiser updates.
-        self.side = SideLoRA.build(model, tensors, 1.0, name) if tensors else None
+        self.side = side if side is not None else SideLoRA.build(model, tensors, 1.0, name) if tensors else None
         _set_model_sampling(self, None)
 
     @classmethod
@@ -176,21 +191,31 @@ class TwoTimeAdapter(torch.nn.Module):
     @contextlib.contextmanager
     def installed(self, base_model, device=None):
         """The LoRA (side_lora) and the dual-embedder hooks on the loaded model, acting only inside `active`.
-        For training, install per step: side_lora casts the matrices to the model's device and dtype on entry."""
+        device: where that model computes (default: ComfyUI's compute device; a MultiGPU clone's own, each clone
+        installed in turn inside the main model's installation).
+        For training, install per step: side_lora casts the matrices to the model's device and dtype on entry; the
+        copies the optimiser trains are used where they are (built on the model's device; moved there otherwise)."""
         dm = base_model.diffusion_model
-        device = device if device is not None else next(dm.parameters()).device
-        self.copies.to(device)
+        device = torch.device(device if device is not None else comfy.model_management.get_torch_device())
+        copies = self.copies
+        if not all(_same_device(p.device, device) for p in copies.parameters()):
+            with torch.inference_mode(False):
+                if any(p.requires_grad for p in copies.parameters()):
+                    copies.to(device)  # trained: moved in place, the optimiser keeps the same Parameters
+                else:  # a loaded file: a frozen copy for this device (MultiGPU clones each get their own)
+                    copies = copy.deepcopy(copies).to(device)
+        outer = self._model_sampling
         _set_model_sampling(self, base_model.model_sampling)
         handles = [getattr(dm, name).register_forward_hook(
             _dual_hook(copy_, self.family.second_input if name == self.family.time_embedder else None),
-            with_kwargs=True) for name, copy_ in self.copies.items()]
+            with_kwargs=True) for name, copy_ in copies.items()]
         try:
             with self.side.installed(base_model, device) if self.side is not None else contextlib.nullcontext():
                 yield self
         finally:
             for handle in handles:
                 handle.remove()
-            _set_model_sampling(self, None)
+            _set_model_sampling(self, outer)
 
     @contextlib.contextmanager
     def active(self, sigma_next: torch.Tensor):
@@ -205,14 +230,19 @@ class TwoTimeAdapter(torch.nn.Module):
             _SECOND.reset(token)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)  # cuda and cuda:0 are one device
+
+
 def _set_model_sampling(adapter: TwoTimeAdapter, model_sampling) -> None:
     """The installed model's sigma schedule, held by reference: not a sub-module (it is no part of the adapter's
     state, which the trainer saves and resumes)."""
     object.__setattr__(adapter, "_model_sampling", model_sampling)
 
 
-def _lora_copy(module: torch.nn.Module, name: str, second: dict, trainable: bool) -> torch.nn.Module:
-    """A copy of the embedder whose Linears carry the file's (or fresh) LoRA; without one a layer keeps W."""
+def _lora_copy(module: torch.nn.Module, name: str, second: dict, trainable: bool, replaced: dict) -> torch.nn.Module:
+    """A copy of the embedder whose Linears carry the file's (or fresh) LoRA; without one a layer keeps W (or the
+    weight / bias the file replaces it with)."""
     out = copy.deepcopy(module)
     for sub, m in list(out.named_modules()):
         if isinstance(m, torch.nn.Linear):
@@ -221,8 +251,16 @@ def _lora_copy(module: torch.nn.Module, name: str, second: dict, trainable: bool
                 raise FMTTInputError(f"FMTT: the second time embedder's LoRA on {name}.{sub} is {tuple(up.shape)} x "
                                      f"{tuple(down.shape)}, the layer {m.out_features} x {m.in_features}: the flow map "
                                      "was trained on another model. Use the model it was trained on.")
+            new = replaced.get(f"{name}.{sub}", {})
+            for kind, own in (("weight", m.weight), ("bias", m.bias)):
+                if kind in new and (own is None or tuple(new[kind].shape) != tuple(own.shape)):
+                    raise FMTTInputError(f"FMTT: the second time embedder's {name}.{sub}.{kind} is "
+                                         f"{tuple(new[kind].shape)}, the model's "
+                                         f"{None if own is None else tuple(own.shape)}: the flow map was trained on "
+                                         "another model. Use the model it was trained on.")
             parent, _, attr = sub.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, attr, LoRALinear(m, down, up, trainable))
+            setattr(out.get_submodule(parent) if parent else out, attr,
+                    LoRALinear(m, down, up, trainable, new.get("weight"), new.get("bias")))
     for p in out.parameters():
         if not isinstance(p, torch.nn.Parameter) or p.is_inference():
             raise FMTTInputError("FMTT: internal error, an inference tensor left in the second time embedder.")
