@@ -10,7 +10,7 @@ family         ComfyUI config       copied embedder(s)                          
 SD1.5, SDXL    SD15 / SD20 / SDXL   time_embed (sinusoid -> MLP)                sinusoid of timestep(sigma')
 FLUX.1         Flux / FluxSchnell   time_in, guidance_in, vector_in             sinusoid of sigma' (time_in only)
 SD3 / SD3.5    SD3                  t_embedder (takes the timestep itself)      timestep(sigma')
-Z-Image        ZImage               t_embedder (takes (1 - timestep) x 1000)    (1 - timestep(sigma')) x 1000
+Z-Image        ZImage               t_embedder (takes (1 - timestep) x scale)   (1 - timestep(sigma')) x time_scale
 
 timestep(sigma') is the model's own sigma -> timestep map, made continuous for discrete (SD) schedules by
 interpolating log sigma, so that d/dsigma' exists for the distillation's finite differences.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -43,26 +44,25 @@ class Family:
     configs: tuple[str, ...]          # ComfyUI supported_models class names
     embedders: tuple[str, ...]        # modules copied as the second embedder (absent ones skipped)
     time_embedder: str                # the one whose input is the time
-    second_input: object              # (original input, timestep') -> the copy's input
+    second_input: object              # (diffusion model, original input, timestep') -> the copy's input
     targets: re.Pattern               # Linears (ComfyUI module paths) that get a LoRA
 
 
 _UNET_TARGETS = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
                            r"|time_embed\.[02])$")
-# ComfyUI's NextDiT embeds t_embedder((1 - timestep) x time_scale); model_detection sets time_scale 1000 for Z-Image
-# (comfy/ldm/lumina/model.py, comfy/model_detection.py), whose timestep is sigma itself (multiplier 1).
-ZIMAGE_TIME_SCALE = 1000.0
 FAMILIES = (
     Family("SD1.5 / SDXL", ("SD15", "SD20", "SDXL"), ("time_embed",), "time_embed",
-           lambda e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
+           lambda dm, e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
     Family("FLUX.1", ("Flux", "FluxSchnell"), ("time_in", "guidance_in", "vector_in"), "time_in",
-           lambda e, ts: flux_embedding(ts, e.shape[-1]),
+           lambda dm, e, ts: flux_embedding(ts, e.shape[-1]),
            re.compile(r"((double_blocks|single_blocks)\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]"
                       r"|txt_mlp\.[02]|linear1|linear2)|time_in\.(in_layer|out_layer))$")),
-    Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda t, ts: ts,
+    Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda dm, t, ts: ts,
            re.compile(r"(joint_blocks\.\d+\.(x_block|context_block)\.(attn\.(qkv|proj)|mlp\.fc[12])"
                       r"|t_embedder\.mlp\.[02])$")),
-    Family("Z-Image", ("ZImage",), ("t_embedder",), "t_embedder", lambda t, ts: (1 - ts) * ZIMAGE_TIME_SCALE,
+    Family("Z-Image", ("ZImage",), ("t_embedder",), "t_embedder",
+           # NextDiT embeds t_embedder((1 - timestep) x time_scale), timestep = sigma (comfy/ldm/lumina/model.py)
+           lambda dm, t, ts: (1 - ts) * dm.time_scale,
            re.compile(r"((layers|noise_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
                       r"|t_embedder\.mlp\.[02])$")),
 )
@@ -207,7 +207,8 @@ class TwoTimeAdapter(torch.nn.Module):
         outer = self._model_sampling
         _set_model_sampling(self, base_model.model_sampling)
         handles = [getattr(dm, name).register_forward_hook(
-            _dual_hook(copy_, self.family.second_input if name == self.family.time_embedder else None),
+            _dual_hook(copy_, functools.partial(self.family.second_input, dm)
+                       if name == self.family.time_embedder else None),
             with_kwargs=True) for name, copy_ in copies.items()]
         try:
             with self.side.installed(base_model, device) if self.side is not None else contextlib.nullcontext():
