@@ -14,7 +14,8 @@ made differentiable, thread pools, caches); then the measured run's peak above t
 CPU the peak resident set (VmHWM, reset just before the run, after handing freed memory back; glibc's mmap
 threshold is fixed so that freed tensors leave the resident set), on CUDA torch.cuda.max_memory_allocated. The
 estimate must be an upper bound within 2x: ratio = estimate / measured in [1, 2].
-Writes bench/results/memory_run_<device>.{md,json} (not with --quick).
+Writes bench/results/memory_run_<device>.json after each case (not with --quick or --chunk-size; a case run again
+replaces its row).
 """
 from __future__ import annotations
 
@@ -170,7 +171,10 @@ def main(argv=None) -> int:
         cases = [("sd15", "denoiser", 32, 64)]
     if args.cases:
         cases = [(f, look, int(n), int(size)) for f, look, n, size in (c.split(":") for c in args.cases)]
-    rows = []
+    out = RESULTS / f"memory_run_{args.device.split(':')[0]}.json"
+    keep = not (args.quick or args.chunk_size)  # recorded: the guard's own choice of chunk, case by case
+    key = lambda r: (r["family"], r["lookahead"], r["particles"], r["size"])  # noqa: E731
+    rows = {key(r): r for r in json.loads(out.read_text())["rows"]} if keep and out.exists() else {}
     print(f"{'family':<7}{'look-ahead':<11}{'particles':>10}{'px':>5}{'chunk':>7}{'estimate MiB':>14}"
           f"{'measured MiB':>14}{'ratio':>7}")
     for family, look, n, size in cases:
@@ -181,13 +185,12 @@ def main(argv=None) -> int:
             sys.exit(f"{family} {look} {n}x{size} failed:\n{done.stderr[-3000:]}")
         r = json.loads(done.stdout.strip().splitlines()[-1])
         r["ratio"] = r["estimate"] / max(r["measured"], 1)
-        rows.append(r)
         print(f"{family:<7}{look:<11}{n:>10}{size:>5}{r['chunk']:>7}{r['estimate'] / MiB:>14.1f}"
               f"{r['measured'] / MiB:>14.1f}{r['ratio']:>7.2f}", flush=True)
-    if not (args.quick or args.cases or args.chunk_size):
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"memory_run_{args.device.split(':')[0]}.json").write_text(
-            json.dumps({"device": args.device, "rows": rows}, indent=1) + "\n")
+        if keep:  # after each case (a long run keeps what it measured), replacing an earlier row of the same case
+            rows[key(r)] = r
+            RESULTS.mkdir(exist_ok=True)
+            out.write_text(json.dumps({"device": args.device, "rows": list(rows.values())}, indent=1) + "\n")
     return 0
 
 

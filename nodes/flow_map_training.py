@@ -193,9 +193,10 @@ def check_memory(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, d
     and AdamW's two moments), a copy of the training latents, and a training step's activations. A step holds,
     per row of a micro-batch, what the objective keeps for its backward pass (the student's calls with gradient;
     the teacher's and the finite difference's calls run without one, each holding at most one op's tensors beside
-    them), measured on one row by running the objective forward and backward once (fmtt_core.memory.measure_pass,
-    block checkpointing counted as it runs). A micro-batch whose inference alone cannot fit (ComfyUI's estimate) is
-    refused first, so that the measurement itself always fits."""
+    them), measured on one row and on two by running the objective forward and backward
+    (fmtt_core.memory.measure_pass, block checkpointing counted as it runs) and extended linearly to the micro-batch.
+    A micro-batch whose inference alone cannot fit (ComfyUI's estimate) is refused first, so that the measurement
+    itself always fits."""
     micro, shape = run.settings.batch // run.settings.accumulate, run.data.shape
     one = [1, *shape]
     inference = base.memory_required(one) * (2 if run.cfg != 1.0 else 1)  # cfg evaluates two conditionings
@@ -216,13 +217,22 @@ def check_memory(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, d
     blocks = [b for bl in block_lists(net).values() for b in bl] if run.block_checkpointing else []
     probe = FlowMapTrainer(adapter, guided.teacher, None, dataclasses.replace(run.settings, batch=1, accumulate=1),
                            student=guided.student(adapter))
+
+    def step_bytes(rows: int) -> int:
+        x = torch.randn((rows, *shape), generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+        times = {k: torch.full((rows,), v, device=device) for k, v in (("s", 0.3), ("t", 0.7), ("r", 0.5))}
+        return measure_pass(lambda x_s: probe.loss({"x_s": x_s, **times})[0], x, blocks=blocks).peak
+
     with differentiable([net]), adapter.installed(base, device):
-        x = torch.randn(one, generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
-        times = {k: torch.full((1,), v, device=device) for k, v in (("s", 0.3), ("t", 0.7), ("r", 0.5))}
-        step = measure_pass(lambda x_s: probe.loss({"x_s": x_s, **times})[0], x, blocks=blocks)
+        # On 1 and 2 rows: what grows with the rows (activations) and what does not (the LoRA's merged weights in
+        # the embedder copies, saved once per call whatever the batch).
+        # (2 rows only when the micro-batch has them: the inference check above covers what is measured.)
+        one_row = step_bytes(1)
+        two_rows = step_bytes(2) if micro > 1 else one_row
     for p in adapter.parameters():
         p.grad = None  # the probe's gradient is not the first step's
-    need = micro * step.peak + held
+    per_row = max(two_rows - one_row, 0)  # (with micro 1 it is not used)
+    need = one_row + (micro - 1) * per_row + held
     refuse_above(need)
     return need
 
