@@ -23,7 +23,8 @@ MiB = 1024 * 1024
 # glibc keeps freed blocks resident and raises its mmap threshold as it goes; a fixed threshold makes every
 # tensor-sized block its own mapping, returned when freed, so the resident set follows what torch holds.
 CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-CASES = ["tiny_flux", "tiny_sdxl", "tiny_sd15", "tiny_mmdit", "flux_double_block_3072", "sdxl_stage_640"]
+CASES = ["tiny_flux", "tiny_sdxl", "tiny_sd15", "tiny_mmdit", "flux_double_block_3072", "sdxl_stage_640",
+         "taesd_decode_128", "tiny_clip_reward"]
 
 
 def convnet(device: str, side: int = 64, batch: int = 1):
@@ -91,6 +92,19 @@ def build(case: str, device: str):
             net = tiny_unets.mmdit(seed=0).to(device).requires_grad_(False)
             x = rand(1, 16, 32, 32)
             return (lambda x, t, c, y: net(x, t, context=c, y=y)), (x, rand(1).abs(), rand(1, 8, 64), rand(1, 32))
+    if case == "taesd_decode_128":  # the tiny test models' VAE (a TAESD decoder at real width), a 128 x 128 image
+        import tiny_models
+        net = tiny_models.taesd(4, 4).taesd_decoder.to(device).requires_grad_(False)
+        return net, (rand(1, 4, 16, 16),)
+    if case == "tiny_clip_reward":  # the pack's CLIP score reward on the tiny transformers CLIP, a 128 x 128 image
+        import tempfile
+
+        from fmtt_testing.hf_models import write_hf_clip_folder
+        from rewards.clip import load_hf_clip_score
+        folder = Path(tempfile.mkdtemp()) / "clip"
+        write_hf_clip_folder(folder)
+        reward = load_hf_clip_score(folder, "a red cat", device=device)
+        return reward, (torch.rand(1, 3, 128, 128, generator=g).to(device),)
     if case == "flux_double_block_3072":  # FLUX.1's double block: hidden 3072, 24 heads, in bf16 as FLUX runs
         from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND
         block = init(DoubleStreamBlock(3072, 24, 4.0, qkv_bias=True, operations=ops)).to(device, torch.bfloat16)

@@ -10,15 +10,21 @@ ComfyUI's own classes (tests/integration/tiny_unets.py, tiny_models.py) and load
 Each (family, batch x accumulate) runs in a fresh process: data-free from one random conditioning, LSD, rank 16,
 `--warmup` untimed steps then `--steps` timed ones (median of the trainer's per-step wall time; previews and saves
 are outside it). Peak memory over the whole run (its short teacher ODEs run without gradients and stay below the
-training step): on CUDA torch.cuda.max_memory_allocated (weights included); on the CPU the growth of the resident
-set over its size with the model loaded (polled every millisecond; glibc's mmap threshold fixed at 64 kB so that
-freed tensors leave it). The tiny models are far from real ones: the
-table says how the step scales with batch and accumulation, not what a real SDXL costs.
+training step), after a 1-step run of the same settings (what a server that has trained before holds is in
+place): on CUDA torch.cuda.max_memory_allocated over the memory allocated with the model loaded; on the CPU the
+growth of the resident set over its size with the model loaded (polled every millisecond; glibc's mmap threshold
+fixed at 64 kB so that freed tensors leave it). Beside it, the memory check's estimate (check_memory in
+nodes/flow_map_training.py: measured on one row, see docs/training-comfyui.md); it must be an upper bound within
+2x. The tiny models are far from real ones: the table says how the step scales with batch and accumulation, not
+what a real SDXL costs.
 Writes bench/results/train_node.{md,json} (train_node_cuda.* with --device cuda).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -69,10 +75,19 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
     run = Run(settings, rank, 1.0, data, str(out / "map.safetensors"), str(out), None, block_checkpointing=True,
               ode_steps=2, eval_steps=2, eval_samples=1)
     run.writer = lambda adapter, base, meta, path: writer_for(adapter)(adapter, base, meta, path)
+    # A 1-step run first, elsewhere: what a server that has trained before holds (kernels, thread pools, caches)
+    # is then in place, and the measured run's growth is what a run needs.
+    first = Path(tempfile.mkdtemp())
+    with torch.inference_mode(False):
+        train(patcher, dataclasses.replace(run, settings=dataclasses.replace(settings, steps=1),
+                                           lora_path=str(first / "map.safetensors"), state_dir=str(first)))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back: the resident set is what is in use
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        allocated = torch.cuda.memory_allocated()
     resident = rss_mb()
     with PeakRSS() as peak, torch.inference_mode(False):
         report = train(patcher, run)
@@ -82,8 +97,9 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
     return {"family": family, "batch": batch, "accumulate": accumulate, "size": size, "rank": rank,
             "device": device, "params": params, "steps": len(timed),
             "s_per_step": statistics.median(timed),
-            "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak.peak - resident,
-            "memory": "cuda max allocated" if cuda else "RSS growth over the loaded model",
+            "peak_mb": (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else peak.peak - resident,
+            "memory": "cuda max allocated over the loaded model" if cuda else "RSS growth over the loaded model",
+            "estimate_mb": report.memory_estimate / 2**20,
             "losses_finite": all(v == v for v in report.losses), "load_1min": os.getloadavg()[0]}
 
 
@@ -93,11 +109,12 @@ def markdown(rows: list[dict], environment: str) -> str:
              f"checkpointing on; median over {rows[0]['steps']} timed steps; memory: {rows[0]['memory']}. "
              "batch x accumulate: the global batch and its micro-batches per step. Machine load (1-minute average) "
              "per row: on a shared machine it inflates the times.", "",
-             "| family | parameters | batch | accumulate | s / step | peak MB | load |",
-             "|---|---|---|---|---|---|---|"]
+             "| family | parameters | batch | accumulate | s / step | peak MB | estimate MB | estimate / peak | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['family']} | {r['params'] / 1e6:.1f} M | {r['batch']} | {r['accumulate']} | "
-                     f"{r['s_per_step']:.2f} | {r['peak_mb']:.0f} | {r['load_1min']:.1f} |")
+                     f"{r['s_per_step']:.2f} | {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} | "
+                     f"{r['estimate_mb'] / max(r['peak_mb'], 1e-9):.2f} | {r['load_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +154,8 @@ def main(argv=None) -> int:
                 sys.exit(f"{family} {config} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"  {family} {config}: {r['s_per_step']:.2f} s/step, {r['peak_mb']:.0f} MB", flush=True)
+            print(f"  {family} {config}: {r['s_per_step']:.2f} s/step, {r['peak_mb']:.0f} MB, estimate "
+                  f"{r['estimate_mb']:.0f} MB", flush=True)
     import platform
 
     import torch

@@ -82,6 +82,40 @@ def plan_chunks(particles: int, pass_per_particle: float, state_per_particle: fl
 
 
 @dataclass(frozen=True)
+class HeldCalls:
+    """How one particle's backward pass holds a look-ahead's network calls (fmtt_core.lookahead).
+
+    kept        calls whose activations stay from the forward pass into the backward pass
+    recomputed  1 when the backward pass recomputes checkpointed calls (one at a time; by then the decoder's and
+                the reward's backward passes are done and their activations freed)
+    inputs      latent-sized tensors checkpointed calls keep instead of their activations
+    """
+    kept: int
+    recomputed: int
+    inputs: int
+
+
+def held_calls(calls: int, reuses_denoised: bool, checkpoint: bool) -> HeldCalls:
+    """HeldCalls of a look-ahead that makes `calls` network calls per particle, counting the sampler's D(x, t) when
+    it builds on it (the denoiser look-ahead is D; the ODE look-ahead's first step reuses D, whose graph the sampler
+    keeps). With checkpoint on, every other call keeps only its inputs: at most 3 latent-sized tensors with its
+    solver step (x, the next x, the prediction)."""
+    if not checkpoint:
+        return HeldCalls(calls, 0, 0)
+    reused = 1 if reuses_denoised else 0
+    own = calls - reused
+    return HeldCalls(reused, 1 if own > 0 else 0, 3 * calls if own > 0 else 0)
+
+
+def particle_pass(call: int, held: HeldCalls, latent: int, decode: int, reward: int) -> int:
+    """Peak bytes of one particle's pass with the reward gradient, from the measured bytes of one network call, the
+    decoder and the reward: at the start of the backward pass the kept calls, the checkpointed inputs, the decoder
+    and the reward are all held; later, while a checkpointed call is recomputed, the decoder and the reward are done.
+    """
+    return held.kept * call + held.inputs * latent + max(decode + reward, held.recomputed * call)
+
+
+@dataclass(frozen=True)
 class PassMemory:
     """What one forward + backward pass holds above the weights, read off autograd while it runs.
 

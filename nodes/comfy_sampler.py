@@ -188,9 +188,8 @@ def sample_fmtt(settings, model, x, sigmas, extra_args=None, callback=None, disa
     cfg = float(getattr(guider, "cfg", 1.0))
     # Measured on the main device alone: ComfyUI's MultiGPU path would send the probe to a clone under no_grad.
     one_device = {**extra_args, "model_options": multigpu.without_multigpu(extra_args.get("model_options", {}))}
-    measured = (memory_guard.measured_bytes(settings, latent_model_fn(model, one_device, 0), decode, base_model,
-                                            settings.vae, vae_module, cfg, x, sigmas)
-                if settings.needs_gradient() else None)
+    measured = memory_guard.measured_bytes(settings, spec, latent_model_fn(model, one_device, 0), decode, base_model,
+                                           settings.vae, vae_module, cfg, x, sigmas)
     plan = memory_guard.plan(settings, base_model, cfg, settings.vae, spec, x, measured)
     diag = settings.diagnostics
     diag.reset({**settings.summary(), "lookahead": describe(settings.lookahead)}, sig, str(plan))

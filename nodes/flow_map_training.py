@@ -33,9 +33,9 @@ from ..fmtt_core.clock import velocity_from_denoiser
 from ..fmtt_core.flow_maps.distill import flow_map_from_student
 from ..fmtt_core.flow_maps.trainer import DistillSettings, FlowMapTrainer
 from ..fmtt_core.flow_maps.two_time_file import save_two_time_lora
-from ..fmtt_core.memory import FMTTMemoryError, mib
+from ..fmtt_core.memory import FMTTMemoryError, measure_pass, mib
 from . import memory_guard
-from .autograd import differentiable
+from .autograd import block_lists, differentiable
 from .clocks import clock_of, family_of, guided_parts
 from .flux_flow_map import write_fmrg_format
 from .two_time import TwoTimeAdapter, model_fingerprint
@@ -43,6 +43,7 @@ from .two_time import TwoTimeAdapter, model_fingerprint
 PREVIEW_JUMPS = (1, 2, 4)
 EVAL_BATCH = 16  # samples (time pairs) of the fixed held-out batch the objective is tracked on
 T_MARGIN = 1e-4  # the model is never called at t = 1 exactly, where (D - x) / (1 - t) is 0 / 0
+TRAINED_COPIES = 4  # per trained weight: the weight, its gradient and AdamW's two moments
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Report:
     saved: list = field(default_factory=list)
     stopped_at: int | None = None
     seconds_per_step: list = field(default_factory=list)  # wall time of each step run here (bench_train_node.py)
+    memory_estimate: int = 0  # bytes one training step was estimated to need (check_memory)
 
 
 def training_data(latents: list | None, positives: list, negative, width: int, height: int, channels: int,
@@ -96,22 +98,6 @@ def training_data(latents: list | None, positives: list, negative, width: int, h
         raise FMTTInputError(f"FMTT Train Flow Map: the dataset's latents have {rows[0].shape[0]} channels, the "
                              f"model's latent space {channels}; encode the images with this model's VAE.")
     return TrainingData(torch.stack(rows).float(), caption, positives, negative, tuple(rows[0].shape))
-
-
-def check_memory(base_model, batch: int, shape: tuple, cfg: float, block_checkpointing: bool) -> None:
-    """Refuse a run whose step cannot fit: about 4 model calls' activations on one micro-batch of `batch` rows, one
-    of them kept for the backward."""
-    one = [batch, *shape]
-    call = base_model.memory_required(one) * (2 if cfg != 1.0 else 1)
-    keeps = memory_guard.BACKWARD_KEEPS_BLOCKS if block_checkpointing else memory_guard.BACKWARD_KEEPS
-    need = call * keeps + call * 3
-    device = comfy.model_management.get_torch_device()
-    free = memory_guard.budget(device)
-    if need > free:
-        raise FMTTMemoryError(f"FMTT Train Flow Map: one training step needs about {mib(need)} (micro-batch {batch} at "
-                              f"{shape[-1] * 8}x{shape[-2] * 8} px) but {mib(free)} is free. Lower batch_size, or "
-                              "raise accumulate for the same batch in smaller passes, lower the image size, or turn "
-                              "block_checkpointing on.")
 
 
 class GuidedModel:
@@ -199,6 +185,58 @@ class Run:
     writer: object = None       # (adapter, base, metadata) -> writes the flow map file
 
 
+def check_memory(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, device, free: int) -> int:
+    """Refuse a run whose training does not fit in `free` bytes (the budget before the adapter was made), before
+    anything is trained; returns the estimate in bytes.
+
+    The run adds to the loaded model: the adapter (its copies of the time embedders; the LoRA with its gradients
+    and AdamW's two moments), a copy of the training latents, and a training step's activations. A step holds,
+    per row of a micro-batch, what the objective keeps for its backward pass (the student's calls with gradient;
+    the teacher's and the finite difference's calls run without one, each holding at most one op's tensors beside
+    them), measured on one row and on two by running the objective forward and backward
+    (fmtt_core.memory.measure_pass, block checkpointing counted as it runs) and extended linearly to the micro-batch.
+    A micro-batch whose inference alone cannot fit (ComfyUI's estimate) is refused first, so that the measurement
+    itself always fits."""
+    micro, shape = run.settings.batch // run.settings.accumulate, run.data.shape
+    one = [1, *shape]
+    inference = base.memory_required(one) * (2 if run.cfg != 1.0 else 1)  # cfg evaluates two conditionings
+    tensors = [(t, t.requires_grad) for t in adapter.parameters()] + [(t, False) for t in adapter.buffers()]
+    held = sum(t.numel() * t.element_size() * (TRAINED_COPIES if trained else 1) for t, trained in tensors)
+    held += len(run.data.caption) * math.prod(shape) * 4  # the latents trained on, float32
+
+    def refuse_above(need: float) -> None:
+        if need > free:
+            raise FMTTMemoryError(
+                f"FMTT Train Flow Map: one training step needs about {mib(need)} (micro-batch {micro} at "
+                f"{shape[-1] * 8}x{shape[-2] * 8} px) but {mib(free)} is free. Lower batch_size, or raise "
+                "accumulate for the same batch in smaller passes, lower the image size, or turn block_checkpointing "
+                "on.")
+
+    refuse_above(micro * inference + held)
+    net = base.diffusion_model
+    blocks = [b for bl in block_lists(net).values() for b in bl] if run.block_checkpointing else []
+    probe = FlowMapTrainer(adapter, guided.teacher, None, dataclasses.replace(run.settings, batch=1, accumulate=1),
+                           student=guided.student(adapter))
+
+    def step_bytes(rows: int) -> int:
+        x = torch.randn((rows, *shape), generator=torch.Generator().manual_seed(0)).to(device).requires_grad_()
+        times = {k: torch.full((rows,), v, device=device) for k, v in (("s", 0.3), ("t", 0.7), ("r", 0.5))}
+        return measure_pass(lambda x_s: probe.loss({"x_s": x_s, **times})[0], x, blocks=blocks).peak
+
+    with differentiable([net]), adapter.installed(base, device):
+        # On 1 and 2 rows: what grows with the rows (activations) and what does not (the LoRA's merged weights in
+        # the embedder copies, saved once per call whatever the batch).
+        # (2 rows only when the micro-batch has them: the inference check above covers what is measured.)
+        one_row = step_bytes(1)
+        two_rows = step_bytes(2) if micro > 1 else one_row
+    for p in adapter.parameters():
+        p.grad = None  # the probe's gradient is not the first step's
+    per_row = max(two_rows - one_row, 0)  # (with micro 1 it is not used)
+    need = one_row + (micro - 1) * per_row + held
+    refuse_above(need)
+    return need
+
+
 def train(model, run: Run) -> Report:
     """Run the distillation on `model` (a ModelPatcher) inside ComfyUI's sampling machinery."""
     guider = comfy.samplers.CFGGuider(model)
@@ -211,10 +249,10 @@ def train(model, run: Run) -> Report:
         extra_args = dict(extra_args or {})
         guided = GuidedModel(lambda xc, sigma: m(xc, sigma, **extra_args), inner, base, run.data,
                              torch.zeros((1, *run.data.shape), device=x.device), run.settings.seed)
-        check_memory(base, run.settings.batch // run.settings.accumulate, run.data.shape, run.cfg,
-                     run.block_checkpointing)
+        free = memory_guard.budget(x.device)
         adapter = TwoTimeAdapter.fresh(inner.model_patcher, run.rank, torch.Generator().manual_seed(run.settings.seed),
                                        os.path.basename(run.lora_path))
+        report.memory_estimate = check_memory(guided, adapter, base, run, x.device, free)
         with differentiable([base.diffusion_model], block_checkpointing=run.block_checkpointing):
             _train(guided, adapter, base, run, report, x.device)
         return x

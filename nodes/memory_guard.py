@@ -3,28 +3,27 @@ device the sampling runs on (the CPU's free RAM on a CPU).
 
 One particle's pass, with the reward gradient, holds the activations of every model call the backward pass goes
 through (the look-ahead's, and the denoiser's when the look-ahead builds on it), of the VAE decode and of the
-reward. Those are measured, not guessed: one particle's model call and VAE decode run forward and backward once
-before sampling, and autograd says what they keep (fmtt_core.memory.measure_pass). Without the gradient a pass
-keeps one call's inference activations: ComfyUI's own estimates (model.memory_required,
-vae.memory_used_decode). The arithmetic and the refusal live in fmtt_core.memory.
+reward. Those are measured, not guessed: one particle's model call, VAE decode, reward (and a flow-map file's
+network) run forward and backward once before sampling, and autograd says what they keep
+(fmtt_core.memory.measure_pass); how many model calls the backward pass holds at once follows from how the
+look-ahead runs (fmtt_core.memory.held_calls). Without the gradient a pass keeps one call's inference activations:
+ComfyUI's own estimates (model.memory_required, vae.memory_used_decode), and the measured reward. The arithmetic and
+the refusal live in fmtt_core.memory.
 """
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import comfy.model_management
 import torch
 
-from ..fmtt_core.memory import MemoryPlan, MiB, measure_pass, plan_chunks
-from .autograd import block_lists, differentiable
+from ..fmtt_core.memory import HeldCalls, MemoryPlan, MiB, held_calls, measure_pass, particle_pass, plan_chunks
+from .autograd import block_lists, differentiable, normal_tensor
 
 BUDGET_VAR = "FMTT_MEMORY_BUDGET_MB"  # caps the budget (a shared machine, a test); unset: all that is free
 STATE_COPIES = 8            # particle-sized tensors a step keeps per particle (x, D, gradient, noise, ODE step, ...)
-REWARD_FLOOR = 16 * MiB     # the least a reward pass is assumed to cost per image
-# The old multiples of ComfyUI's inference estimate, kept for the flow-map training's memory estimate
-# (nodes/flow_map_training.py on main), which is not measured yet; sampling no longer uses them.
-BACKWARD_KEEPS = 6.0
-BACKWARD_KEEPS_BLOCKS = 2.0
 
 
 def budget(device) -> int:
@@ -41,24 +40,20 @@ def budget(device) -> int:
     return max(int(free), 0)
 
 
-def _kept_model_calls(spec) -> int:
-    """Model calls whose activations one particle's backward pass needs at once."""
+def lookahead_calls(spec) -> HeldCalls:
+    """fmtt_core.memory.held_calls for a look-ahead spec: its network calls per particle (Heun's corrector is
+    skipped on the last step) and whether it builds on the sampler's D (the denoiser and the base model's ODE)."""
     kind = getattr(spec, "kind", "denoiser")
     if kind == "denoiser":
-        return 1
+        return held_calls(1, True, False)
     steps = int(getattr(spec, "jumps", getattr(spec, "steps", 1)))
-    kept = 1 if getattr(spec, "checkpoint", False) else steps
-    return kept + (1 if kind == "ode" else 0)  # the ODE look-ahead also builds on the sampler's D call
+    calls = 2 * steps - 1 if getattr(spec, "solver", "euler") == "heun" else steps
+    return held_calls(calls, kind == "ode", bool(getattr(spec, "checkpoint", False)))
 
 
-def reward_bytes(reward) -> int:
-    """A reward's pass per image: its own estimate when it has one (memory_per_image), else about half its
-    weights' size (transformer activations with a backward pass, for images at the model's input size)."""
-    own = getattr(reward, "memory_per_image", None)
-    if callable(own):
-        return int(own())
-    tensors = list(reward.parameters()) + list(reward.buffers()) if hasattr(reward, "parameters") else []
-    return max(REWARD_FLOOR, sum(t.numel() * t.element_size() for t in tensors) // 2)
+def lookahead_network(spec):
+    """The look-ahead's own network when it runs one instead of the sampled model (a flow-map file), else None."""
+    return getattr(spec, "network", None)
 
 
 def inference_bytes(base_model, cfg: float, vae, latent_shape) -> int:
@@ -68,36 +63,59 @@ def inference_bytes(base_model, cfg: float, vae, latent_shape) -> int:
     return int(max(model, vae.memory_used_decode(one, vae.vae_dtype)))
 
 
-def measured_bytes(settings, model_call, decode, base_model, vae, vae_module, cfg: float, x: torch.Tensor,
-                   sigma: torch.Tensor) -> tuple[int, int]:
-    """(model call, VAE decode): the bytes one particle's call of each keeps for its backward pass at this run's
-    size, measured by running it once. A particle whose inference alone cannot fit is refused first, so that the
+@dataclass(frozen=True)
+class Measured:
+    """Bytes one particle's forward + backward pass of each part holds at this run's size (measure_pass)."""
+
+    model_call: int    # one call of the sampled model, cfg included (0 without the reward gradient)
+    decode: int        # the VAE decode (0 without the reward gradient)
+    reward: int        # the reward on one decoded image
+    network_call: int  # one call of the look-ahead's own network (0 when it runs the sampled model)
+
+
+def measured_bytes(settings, spec, model_call, decode, base_model, vae, vae_module, cfg: float, x: torch.Tensor,
+                   sigma: torch.Tensor) -> Measured:
+    """What one particle's model call, VAE decode, reward and look-ahead network keep for their backward pass at
+    this run's size, measured by running each once (without the reward gradient only the reward is measured, an
+    upper bound of its inference). A particle whose inference alone cannot fit is refused first, so that the
     measurement itself always fits."""
     plan_chunks(1, inference_bytes(base_model, cfg, vae, x.shape), 0, budget(x.device), lower=LOWER)
-    net = base_model.diffusion_model
+    net, own = base_model.diffusion_model, lookahead_network(spec)
     blocks = ([b for blocks in block_lists(net).values() for b in blocks] if settings.block_checkpointing else [])
-    x1 = x[:1].detach().clone().requires_grad_()
-    with differentiable([net, vae_module], True):
-        call = measure_pass(lambda x1: model_call(x1, sigma[:1].to(x1.device)), x1, blocks=blocks)
-        dec = measure_pass(decode, x1)
-    return call.peak, dec.peak
+    call = dec = network = 0
+    with differentiable([net, vae_module] + list(spec.modules()), True):
+        # made here, outside inference mode: an inference tensor would take no part in autograd (nothing measured)
+        x1 = normal_tensor(x[:1]).requires_grad_()
+        t1 = normal_tensor(sigma[:1]).to(x1.device)
+        if settings.needs_gradient():
+            call = measure_pass(lambda x1: model_call(x1, t1), x1, blocks=blocks).peak
+            dec = measure_pass(decode, x1).peak
+            if own is not None:
+                flow_map = spec.build(None).flow_map
+                s, t = torch.zeros(1, device=x1.device), torch.ones(1, device=x1.device)
+                network = measure_pass(lambda x1: flow_map(x1, s, t), x1).peak
+        with torch.no_grad():
+            image = decode(x1)
+        reward = measure_pass(settings.reward, image.detach().requires_grad_()).peak
+    return Measured(call, dec, reward, network)
 
 
-def particle_pass_bytes(settings, base_model, cfg: float, vae, spec, latent_shape, measured=None) -> int:
-    """Bytes of one particle's pass through look-ahead, VAE decode and reward (with backward if steering; then
-    `measured` is what measured_bytes returned)."""
-    reward = reward_bytes(settings.reward)
+def particle_pass_bytes(settings, base_model, cfg: float, vae, spec, latent_shape, measured: Measured) -> int:
+    """Bytes of one particle's pass through look-ahead, VAE decode and reward: with the reward gradient, the
+    measured parts as the backward pass holds them (fmtt_core.memory.particle_pass); without it, ComfyUI's inference
+    estimate of a model call and a decode, and the measured reward."""
     if not settings.needs_gradient():
-        return inference_bytes(base_model, cfg, vae, latent_shape) + reward
-    model_call, decode = measured
-    return int(model_call * _kept_model_calls(spec) + decode + reward)
+        return inference_bytes(base_model, cfg, vae, latent_shape) + measured.reward
+    latent = math.prod(latent_shape[1:]) * 4  # a checkpointed call keeps float32 inputs
+    return particle_pass(measured.network_call or measured.model_call, lookahead_calls(spec), latent, measured.decode,
+                         measured.reward)
 
 
 LOWER = ("use a cheaper look-ahead (fewer steps, checkpoint on), a TAESD VAE, block_checkpointing on, or mode "
          "zero_order (no gradients)")
 
 
-def plan(settings, base_model, cfg: float, vae, spec, x, measured=None) -> MemoryPlan:
+def plan(settings, base_model, cfg: float, vae, spec, x, measured: Measured) -> MemoryPlan:
     """The chunk size for sampling `settings.particles` particles per latent of x, or FMTTMemoryError."""
     state = x[0].numel() * x.element_size() * STATE_COPIES
     return plan_chunks(settings.particles, particle_pass_bytes(settings, base_model, cfg, vae, spec, x.shape,

@@ -69,3 +69,36 @@ def test_weights_are_not_counted_nor_copied():
     got = measure_pass(lambda x: torch.tanh(lin(x)), x)
     assert got.saved == 4096  # tanh's output (1 KiB, one page): linear keeps a view of its weight, not counted
     assert is_weight(lin.weight.t()) and not is_weight(x)
+
+
+@pytest.mark.parametrize("lookahead, calls, reuses", [
+    ("denoiser", 1, True), ("ode", 3, True), ("heun", 5, True), ("flow_map", 2, False)])
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_held_calls_is_what_autograd_holds_for_each_lookahead(bench, lookahead, calls, reuses, checkpoint):
+    """One particle's chain as the sampler runs it (D with its graph when the look-ahead builds on it, then the
+    look-ahead), on a real conv net: autograd keeps the saves of held_calls' kept calls (with checkpoint on only the
+    reused D's: the one call recomputed at a time in the backward pass is torch.utils.checkpoint's, unseen by the
+    saved-tensor hooks) plus at most the checkpointed inputs it counts."""
+    from fmtt_core.lookahead import DenoiserLookahead, FlowMapLookahead, ODELookahead
+    from fmtt_core.memory import held_calls
+
+    net, (x,) = bench.convnet("cpu", 32)
+    denoiser = lambda x, t: net(x)  # noqa: E731
+    look = {"denoiser": lambda: DenoiserLookahead(denoiser),
+            "ode": lambda: ODELookahead(denoiser, steps=3, checkpoint=checkpoint),
+            "heun": lambda: ODELookahead(denoiser, steps=3, solver="heun", checkpoint=checkpoint),
+            "flow_map": lambda: FlowMapLookahead(lambda x, s, t: net(x), jumps=2, checkpoint=checkpoint)}[lookahead]()
+    t = torch.full((1,), 0.3)
+
+    def chain(x):
+        with torch.set_grad_enabled(look.uses_denoised):
+            d = denoiser(x, t)
+        return look(x, t, denoised=d)
+
+    one = measure_pass(lambda x: net(x), x.clone().requires_grad_()).saved
+    got = measure_pass(chain, x.clone().requires_grad_()).saved
+    held = held_calls(calls, reuses, checkpoint)
+    pages = -(-x.numel() * x.element_size() // 4096) * 4096
+    assert held.kept * one * 0.97 <= got <= held.kept * one * 1.03 + held.inputs * pages, (got, one, held)
+    own = calls - (1 if reuses else 0)
+    assert held.recomputed == (1 if checkpoint and own else 0) and (checkpoint or held.inputs == 0)
