@@ -385,7 +385,8 @@ def _write_report(run: Run, report: Report) -> None:
 
 def _teacher_pool(guided: GuidedModel, data: TrainingData, run: Run, device) -> torch.Tensor:
     """Data-free: the teacher's own samples (ode_steps Euler steps from noise), the same for a given seed. Made a
-    micro-batch at a time: the passes that check_memory measured (accumulate is how a user makes them fit)."""
+    micro-batch at a time: no-gradient passes no larger than the training passes check_memory measured (accumulate
+    is how a user makes those fit)."""
     g = torch.Generator().manual_seed(run.settings.seed + 104729)
     noise = torch.randn((len(data.caption), *data.shape), generator=g).to(device)
     micro = max(1, run.settings.batch // run.settings.accumulate)
