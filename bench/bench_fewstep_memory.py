@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,14 +59,8 @@ class PeakRSS:
 
 def variant(name: str, rank: int, particles: int, steps: int, size: int) -> dict:
     """One variant in this (fresh) process."""
-    comfy_path = os.environ["COMFYUI_PATH"]
-    sys.path.insert(0, comfy_path)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests")]
-    links = Path(tempfile.mkdtemp())
-    os.symlink(ROOT, links / "comfyui_fmtt")  # the pack as a package, as ComfyUI imports it
-    sys.path.insert(0, str(links))
+    from comfy_worker import enter_comfyui
+    enter_comfyui("cpu")
     import comfy.lora
     import comfy.sd
     import tiny_unets

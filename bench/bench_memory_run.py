@@ -77,13 +77,8 @@ class Peak:
 
 
 def worker(family: str, lookahead: str, particles: int, size: int, steps: int, device: str, chunk: int = 0) -> dict:
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = device == "cpu"
-    sys.path[:0] = [str(ROOT / "tests" / "integration"), str(ROOT / "tests")]
-    links = Path(tempfile.mkdtemp())
-    os.symlink(ROOT, links / "comfyui_fmtt")  # the pack as a package, as ComfyUI imports it
-    sys.path.insert(0, str(links))
+    from comfy_worker import enter_comfyui
+    enter_comfyui(device)
     import comfy.sd
     import tiny_models
     import tiny_unets
