@@ -6,6 +6,12 @@ ComfyUI's own classes (tests/integration/tiny_unets.py, tiny_models.py) and load
     COMFYUI_PATH=/work/comfyui /work/comfy-venv/bin/python bench/bench_train_node.py            # CPU, 1 thread
     COMFYUI_PATH=... python bench/bench_train_node.py --device cuda --size 512 --configs 1x1 4x1 4x4  # on a GPU
     COMFYUI_PATH=... python bench/bench_train_node.py --quick                                   # smoke run
+    COMFYUI_PATH=... python bench/bench_train_node.py --device cuda --scale full --configs 1x1 4x1  # released sizes
+
+`--scale full` builds the released architectures instead (SD1.5's 0.86 B UNet at 512 px, SDXL's 2.6 B UNet and
+FLUX.1-dev's 12 B transformer at 1024 px, in their released dtypes), with random weights made on the device: the
+weights' values change neither the time nor the memory of a step, so this is what training a real model costs,
+without its file.
 
 Each (family, batch x accumulate) runs in a fresh process: data-free from one random conditioning, LSD, rank 16,
 `--warmup` untimed steps then `--steps` timed ones (median of the trainer's per-step wall time; previews and saves
@@ -38,30 +44,88 @@ RESULTS = ROOT / "bench" / "results"
 FAMILIES = ("sd15", "sdxl", "flux")
 
 
-def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warmup: int, rank: int,
-           device: str) -> dict:
-    from comfy_worker import enter_comfyui
-    enter_comfyui(device)
+FULL_SIZE_PX = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # the resolutions the released models are used at
+
+
+def full_size(family: str, device: str):
+    """The released architecture of `family` (the values ComfyUI's model_detection reads from the released files),
+    built on `device` in its released dtype with random weights drawn there (a 12 B model drawn on the CPU would
+    take minutes)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+    import torch
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+    ops = comfy.ops.disable_weight_init
+    unet = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, use_spatial_transformer=True,
+                legacy=False, operations=ops, dtype=torch.float16, device=device)
+    if family == "sd15":  # transformer_depth_output is popped from its end, deepest level first
+        net = openaimodel.UNetModel(**unet, num_res_blocks=[2] * 4, channel_mult=[1, 2, 4, 4],
+                                    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                                    transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1,
+                                    context_dim=768, use_linear_in_transformer=False, num_heads=8,
+                                    num_head_channels=-1)
+    elif family == "sdxl":
+        net = openaimodel.UNetModel(**unet, num_res_blocks=[2] * 3, channel_mult=[1, 2, 4],
+                                    transformer_depth=[0, 0, 2, 2, 10, 10],
+                                    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                                    transformer_depth_middle=10, context_dim=2048, use_linear_in_transformer=True,
+                                    adm_in_channels=2816, num_classes="sequential", num_head_channels=64)
+    else:
+        net = comfy.ldm.flux.model.Flux(
+            image_model="flux", operations=ops, dtype=torch.bfloat16, device=device, in_channels=16,
+            out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
+            depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+            guidance_embed=True, txt_ids_dims=[])
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():  # tiny_models.init_'s scales, drawn where the weights are
+        for name, p in net.named_parameters():
+            if p.ndim == 1 and name.endswith(("scale", "norm.weight", "norm1.weight", "norm2.weight",
+                                               "norm3.weight")):
+                p.normal_(1.0, 0.1, generator=g)
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else max(p.numel(), 1)
+                p.normal_(0.0, 0.2 / fan_in ** 0.5 * (3 if p.ndim > 1 else 0.3), generator=g)
+    return net
+
+
+def model_and_conditioning(family: str, scale: str, device: str):
+    """(ModelPatcher, positive conditioning) for a tiny or a released-size `family`, loaded by ComfyUI's loaders
+    (which detect the family from the weights, as they would from a real file)."""
     import comfy.sd
     import tiny_models
     import tiny_unets
+    import torch
+    g = torch.Generator().manual_seed(0)
+    full = scale == "full"
+    if family == "flux":  # T5 tokens x features, CLIP-L pooled
+        net = full_size(family, device) if full else tiny_models.flux(True, 1)
+        tokens, features, pooled = (256, 4096, 768) if full else (4, 64, 32)
+    else:  # CLIP tokens x features; SDXL's pooled CLIP-G
+        net = full_size(family, device) if full else tiny_unets.unet(family, 11 if family == "sd15" else 12)
+        tokens, features, pooled = (77 if full else 4), (2048 if family == "sdxl" else 768), 1280
+    sd = net.state_dict()
+    del net
+    if family == "flux":
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd)
+    else:
+        sd = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+        patcher = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
+    del sd
+    extra = {} if family == "sd15" else {"pooled_output": torch.randn(1, pooled, generator=g)}
+    return patcher, [[torch.randn(1, tokens, features, generator=g), extra]]
+
+
+def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warmup: int, rank: int,
+           device: str, scale: str = "tiny") -> dict:
+    from comfy_worker import enter_comfyui
+    enter_comfyui(device)
     import torch
     from bench_fewstep_memory import PeakRSS, rss_mb
     from comfyui_fmtt.fmtt_core.flow_maps.trainer import DistillSettings
     from comfyui_fmtt.nodes.flow_map_training import Run, train, training_data, writer_for
 
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    if family == "flux":
-        patcher = comfy.sd.load_diffusion_model_state_dict(tiny_models.flux(True, 1).state_dict())
-        positive = [[torch.randn(1, 4, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
-    else:
-        net = tiny_unets.unet(family, 11 if family == "sd15" else 12)
-        sd = {f"model.diffusion_model.{k}": v for k, v in net.state_dict().items()}
-        del net
-        patcher = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
-        extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
-        positive = [[torch.randn(1, 4, 2048 if family == "sdxl" else 768, generator=g), extra]]
+    patcher, positive = model_and_conditioning(family, scale, device)
     params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     data = training_data(None, [positive], None, size, size, patcher.model.latent_format.latent_channels, batch)
     out = Path(tempfile.mkdtemp())
@@ -89,7 +153,7 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
     if cuda:
         torch.cuda.synchronize()
     timed = report.seconds_per_step[warmup:]
-    return {"family": family, "batch": batch, "accumulate": accumulate, "size": size, "rank": rank,
+    return {"family": family, "scale": scale, "batch": batch, "accumulate": accumulate, "size": size, "rank": rank,
             "device": device, "params": params, "steps": len(timed),
             "s_per_step": statistics.median(timed),
             "peak_mb": (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else peak.peak - resident,
@@ -99,28 +163,35 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
 
 
 def markdown(rows: list[dict], environment: str) -> str:
-    lines = ["# FMTT Train Flow Map: time per step and peak memory (node path, tiny models)", "",
-             f"{environment}; {rows[0]['size']} x {rows[0]['size']} px, LSD, rank {rows[0]['rank']}, block "
-             f"checkpointing on; median over {rows[0]['steps']} timed steps; memory: {rows[0]['memory']}. "
-             "batch x accumulate: the global batch and its micro-batches per step. Machine load (1-minute average) "
-             "per row: on a shared machine it inflates the times.", "",
-             "| family | parameters | batch | accumulate | s / step | peak MB | estimate MB | estimate / peak | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    models = "released architectures, random weights" if rows[0]["scale"] == "full" else "tiny models"
+    lines = [f"# FMTT Train Flow Map: time per step and peak memory (node path, {models})", "",
+             f"{environment}; LSD, rank {rows[0]['rank']}, block checkpointing on; median over {rows[0]['steps']} "
+             f"timed steps; memory: {rows[0]['memory']}. batch x accumulate: the global batch and its micro-batches "
+             "per step. Machine load (1-minute average) per row: on a shared machine it inflates the times.", "",
+             "| family | parameters | px | batch | accumulate | s / step | peak MB | estimate MB | estimate / peak "
+             "| losses finite | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['params'] / 1e6:.1f} M | {r['batch']} | {r['accumulate']} | "
+        lines.append(f"| {r['family']} | {r['params'] / 1e6:.1f} M | {r['size']} | {r['batch']} | {r['accumulate']} | "
                      f"{r['s_per_step']:.2f} | {r['peak_mb']:.0f} | {r['estimate_mb']:.0f} | "
-                     f"{r['estimate_mb'] / max(r['peak_mb'], 1e-9):.2f} | {r['load_1min']:.1f} |")
+                     f"{r['estimate_mb'] / max(r['peak_mb'], 1e-9):.2f} | {'yes' if r['losses_finite'] else 'NO'} | "
+                     f"{r['load_1min']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", nargs=8, metavar=("FAMILY", "BATCH", "ACCUMULATE", "SIZE", "STEPS", "WARMUP",
-                                                      "RANK", "DEVICE"))
+    parser.add_argument("--worker", nargs=9, metavar=("FAMILY", "BATCH", "ACCUMULATE", "SIZE", "STEPS", "WARMUP",
+                                                      "RANK", "DEVICE", "SCALE"))
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--configs", nargs="+", default=["1x1", "4x1", "4x4"],
                         help="BATCHxACCUMULATE per run (default 1x1 4x1 4x4)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (latent side / 8)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (latent side / 8); default 64, or with --scale full each "
+                             "family's own (SD1.5 512, SDXL and FLUX 1024)")
+    parser.add_argument("--scale", choices=("tiny", "full"), default="tiny",
+                        help="tiny: the integration suite's models; full: the released architectures with random "
+                             "weights (needs a GPU)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--rank", type=int, default=16)
@@ -130,8 +201,8 @@ def main(argv=None) -> int:
     if "COMFYUI_PATH" not in os.environ:
         parser.error("set COMFYUI_PATH to a ComfyUI checkout and run with its python")
     if args.worker:
-        family, *numbers, device = args.worker
-        print(json.dumps(worker(family, *map(int, numbers), device)))
+        family, *numbers, device, scale = args.worker
+        print(json.dumps(worker(family, *map(int, numbers), device, scale)))
         return 0
     if args.quick:
         args.families, args.configs, args.steps = ["sd15"], ["1x1", "2x2"], 2
@@ -139,8 +210,9 @@ def main(argv=None) -> int:
     for family in args.families:
         for config in args.configs:
             batch, accumulate = config.split("x")
-            cmd = [sys.executable, __file__, "--worker", family, batch, accumulate, str(args.size), str(args.steps),
-                   str(args.warmup), str(args.rank), args.device]
+            size = args.size or (FULL_SIZE_PX[family] if args.scale == "full" else 64)
+            cmd = [sys.executable, __file__, "--worker", family, batch, accumulate, str(size), str(args.steps),
+                   str(args.warmup), str(args.rank), args.device, args.scale]
             # A fixed mmap threshold: glibc then maps every tensor above 64 kB on its own and unmaps it when freed, so
             # the resident set follows the live tensors instead of the heap's high-water mark from earlier phases.
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -161,7 +233,8 @@ def main(argv=None) -> int:
     print(text)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
-        suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+        suffix = ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + (
+            "_full" if args.scale == "full" else "")
         (RESULTS / f"train_node{suffix}.md").write_text(text)
         (RESULTS / f"train_node{suffix}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2)
                                                           + "\n")
