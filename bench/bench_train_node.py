@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  {family} {config}: {r['s_per_step']:.2f} s/step, {r['peak_mb']:.0f} MB, estimate "
-                  f"{r['estimate_mb']:.0f} MB", flush=True)
+                  f"{r['estimate_mb']:.0f} MB; {json.dumps(r)}", flush=True)  # a row survives a killed run
     import platform
 
     import torch
