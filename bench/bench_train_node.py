@@ -206,7 +206,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.families, args.configs, args.steps = ["sd15"], ["1x1", "2x2"], 2
-    rows = []
+    rows, failed = [], []
     for family in args.families:
         for config in args.configs:
             batch, accumulate = config.split("x")
@@ -217,8 +217,10 @@ def main(argv=None) -> int:
             # the resident set follows the live tensors instead of the heap's high-water mark from earlier phases.
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode:
-                sys.exit(f"{family} {config} failed:\n{done.stderr[-3000:]}")
+            if done.returncode:  # the other rows still run: one device session measures as much as it can
+                failed.append(f"{family} {config}")
+                print(f"{family} {config} failed:\n{done.stderr[-12000:]}", flush=True)
+                continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  {family} {config}: {r['s_per_step']:.2f} s/step, {r['peak_mb']:.0f} MB, estimate "
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
     where = (f"{args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda")
              else f"CPU ({platform.machine()}), 1 thread")
     env = f"{where}, torch {torch.__version__}"
+    if not rows:
+        sys.exit(f"every run failed: {', '.join(failed)}")
     text = markdown(rows, env)
     print(text)
     if not args.quick:
@@ -236,9 +240,11 @@ def main(argv=None) -> int:
         suffix = ("" if args.device == "cpu" else f"_{args.device.split(':')[0]}") + (
             "_full" if args.scale == "full" else "")
         (RESULTS / f"train_node{suffix}.md").write_text(text)
-        (RESULTS / f"train_node{suffix}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2)
-                                                          + "\n")
-    return 0
+        (RESULTS / f"train_node{suffix}.json").write_text(json.dumps({"environment": env, "rows": rows,
+                                                                      "failed": failed}, indent=2) + "\n")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

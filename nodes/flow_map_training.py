@@ -123,9 +123,9 @@ class GuidedModel:
         return t.clamp(self.t_lo, 1 - T_MARGIN)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = self.model_t(t)
-        rows = self.rows if self.rows is not None and len(self.rows) == x.shape[0] else torch.zeros(
-            x.shape[0], dtype=torch.long)
+        t = self.model_t(t.to(x.device))  # times and row indices are drawn on the CPU; the model runs where x is
+        rows = (self.rows if self.rows is not None and len(self.rows) == x.shape[0] else torch.zeros(
+            x.shape[0], dtype=torch.long)).to(x.device)
         out = torch.empty_like(x)
         for k in rows.unique().tolist():
             mask = rows == k
@@ -134,10 +134,12 @@ class GuidedModel:
         return out
 
     def teacher(self, x, t):
+        t = t.to(x.device)
         return velocity_from_denoiser(x, self.denoise(x, t), self.model_t(t))
 
     def student(self, adapter: TwoTimeAdapter):
         def u(x, s, t):
+            s, t = s.to(x.device), t.to(x.device)
             with adapter.active(self.clock.sigma(self.model_t(t).clamp(max=1.0)).to(x)):
                 return velocity_from_denoiser(x, self.denoise(x, s), self.model_t(s))
 
@@ -145,7 +147,7 @@ class GuidedModel:
 
     def ode(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """The teacher's Euler ODE from t_lo to 1 (the 'many-step result')."""
-        ts = torch.linspace(self.t_lo, 1.0, steps + 1)
+        ts = torch.linspace(self.t_lo, 1.0, steps + 1, device=x.device)
         with torch.no_grad():
             for a, b in zip(ts[:-1], ts[1:]):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -155,14 +157,14 @@ class GuidedModel:
 
 def lookahead_errors(guided: GuidedModel, adapter, noise: torch.Tensor, target: torch.Tensor) -> dict:
     """RMS of each look-ahead's end point to the teacher's ODE end point, from held-out noise at t_lo."""
-    t0 = torch.full((noise.shape[0],), guided.t_lo)
+    t0 = torch.full((noise.shape[0],), guided.t_lo, device=noise.device)
     rms = lambda a: float((a - target).pow(2).mean().sqrt())  # noqa: E731
     out = {}
     with torch.no_grad():
         out["denoiser"] = rms(guided.denoise(noise, t0))
         jump = flow_map_from_student(guided.student(adapter))
         for n in PREVIEW_JUMPS:
-            ts = torch.linspace(guided.t_lo, 1.0, n + 1)
+            ts = torch.linspace(guided.t_lo, 1.0, n + 1, device=noise.device)
             x = noise
             for a, b in zip(ts[:-1], ts[1:]):
                 x = jump(x, a, b)
