@@ -302,3 +302,25 @@ def test_flow_map_from_student_is_identity_at_equal_times():
     assert torch.equal(jump(x, s, s), x)
     assert torch.allclose(jump(x, s, t), x + (t - s)[:, None] * student(x, s, t), rtol=1e-12)
     assert jump(x, 0.2, 0.7).shape == x.shape  # float times broadcast over the batch
+
+
+@pytest.mark.parametrize("norm,p", [("l1", 1), ("l2", 2)])
+def test_per_row_losses_are_each_rows_own_loss(norm, p):
+    """per_row: each row's loss (the reference on that row alone); their mean is the batch loss."""
+    student, teacher = TinyStudent(), TinyTeacher()
+    x, s, t = _inputs(n=6)
+    r = torch.rand(6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    g = torch.Generator()
+    rows = {"lsd": lsd_loss(student, teacher, x, s, t, norm=norm, per_row=True)[0].detach(),
+            "psd": psd_loss(student, x, s, t, generator=g, norm=norm, midpoint=r, per_row=True)[0].detach(),
+            "diagonal": diagonal_loss(student, teacher, x, t, norm=norm, per_row=True)[0].detach()}
+    with torch.no_grad():
+        for i in range(6):
+            one = slice(i, i + 1)
+            assert math.isclose(float(rows["lsd"][i]), float(reference_lsd(student, teacher, x[one], s[one], t[one],
+                                                                            5e-3, 1.0, p)), rel_tol=1e-10)
+            assert math.isclose(float(rows["psd"][i]), float(reference_psd(student, x[one], s[one], t[one], r[one], p)),
+                                rel_tol=1e-10)
+            want = (student(x[one], t[one], t[one]) - teacher(x[one], t[one])).abs().pow(p).mean()
+            assert math.isclose(float(rows["diagonal"][i]), float(want), rel_tol=1e-10)
+    assert torch.allclose(rows["lsd"].mean(), lsd_loss(student, teacher, x, s, t, norm=norm)[0].detach(), rtol=1e-12)

@@ -206,3 +206,23 @@ def test_two_gloo_processes_equal_one_process_at_the_same_global_batch(tmp_path,
             assert torch.allclose(r[f"ema.{k}"], trainer.ema.state_dict()[k], rtol=1e-4, atol=1e-6)
     # Every rank holds exactly the same weights (they apply the same averaged gradients).
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+def test_held_out_summary_is_the_mean_with_its_standard_error_and_the_paired_change():
+    """The held-out objective's estimate is the mean over the held-out samples with the standard error sd / sqrt(N);
+    its change against an earlier evaluation of the same samples is the paired difference (its own standard error,
+    small when the samples' values move together); the median is beside them."""
+    from fmtt_core.flow_maps.trainer import held_out_summary
+    before = torch.tensor([0.1, 0.2, 1.0, 2.0, 4.0])
+    after = before - torch.tensor([0.05, 0.0, 0.1, 0.15, 0.2])
+    out = held_out_summary(after, before)
+    n, values, change = 5, after.double().tolist(), [-0.05, 0.0, -0.1, -0.15, -0.2]
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    assert out["pairs"] == n and out["mean"] == pytest.approx(mean) and out["se"] == pytest.approx(sd / n ** 0.5)
+    assert out["median"] == pytest.approx(sorted(values)[2])
+    c_mean = sum(change) / n
+    c_sd = (sum((c - c_mean) ** 2 for c in change) / (n - 1)) ** 0.5
+    assert out["change"] == pytest.approx(c_mean) and out["change_se"] == pytest.approx(c_sd / n ** 0.5)
+    assert out["change_se"] < out["se"] / 10  # paired: the spread between samples cancels
+    assert "change" not in held_out_summary(before)

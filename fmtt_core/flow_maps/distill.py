@@ -91,12 +91,16 @@ def _times(t, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
 
 
-def _reduce(residual: torch.Tensor, norm: str) -> torch.Tensor:
+def _reduce(residual: torch.Tensor, norm: str, per_row: bool = False) -> torch.Tensor:
+    """The mean norm of the residual: over everything (the loss), or per row ([B]: each sample's own loss, whose
+    mean is the loss)."""
     if norm == "l1":
-        return residual.abs().mean()
-    if norm == "l2":
-        return residual.pow(2).mean()
-    raise FMTTInputError(f"unknown loss norm {norm!r}; choose one of {', '.join(NORMS)}.")
+        size = residual.abs()
+    elif norm == "l2":
+        size = residual.pow(2)
+    else:
+        raise FMTTInputError(f"unknown loss norm {norm!r}; choose one of {', '.join(NORMS)}.")
+    return size.reshape(size.shape[0], -1).mean(1) if per_row else size.mean()
 
 
 def _check(x: torch.Tensor, out: torch.Tensor, who: str) -> torch.Tensor:
@@ -120,7 +124,7 @@ def time_derivative(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: tor
 
 def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
              fd_step: float = 5e-3, derivative_weight: float = 1.0, norm: str = "l1",
-             derivative_grad: bool = False) -> tuple[torch.Tensor, dict]:
+             derivative_grad: bool = False, per_row: bool = False) -> tuple[torch.Tensor, dict]:
     """LSD: mean norm of u + w (t - s) sg(d/dt u) - sg(b_t(X_{s,t}(x_s))), the Lagrangian residual of the map.
 
     derivative_grad=False (FMRG's recipe): gradients through u only; the d/dt term is a fixed target.
@@ -129,7 +133,7 @@ def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Ten
     fixed-point iteration u <- b - (t - s) d/dt u, which can amplify components of u that vary fast in t (a
     network with high-frequency time features); the full gradient descends the residual and does not.
 
-    Returns (loss, stats of floats)."""
+    Returns (loss, stats of floats); per_row: the loss of each row ([B]) instead of their mean."""
     s, t = _times(s, x_s), _times(t, x_s)
     u = _check(x_s, student(x_s, s, t), "student")
     du_dt = time_derivative(student, x_s, s, t, fd_step, grad=derivative_grad)
@@ -138,14 +142,14 @@ def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Ten
         x_t = x_s + gap * u.detach()
         b = _check(x_s, teacher(x_t, t), "teacher")
     residual = u + derivative_weight * gap * du_dt - b
-    loss = _reduce(residual, norm)
-    stats = {"loss": float(loss.detach()), "residual_rms": float(residual.detach().pow(2).mean().sqrt()),
+    loss = _reduce(residual, norm, per_row)
+    stats = {"loss": float(loss.detach().mean()), "residual_rms": float(residual.detach().pow(2).mean().sqrt()),
              "du_dt_rms": float(du_dt.detach().pow(2).mean().sqrt()), "derivative_weight": float(derivative_weight)}
     return loss, stats
 
 
 def psd_loss(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *, generator: torch.Generator,
-             norm: str = "l1", midpoint="uniform") -> tuple[torch.Tensor, dict]:
+             norm: str = "l1", midpoint="uniform", per_row: bool = False) -> tuple[torch.Tensor, dict]:
     """PSD: mean norm of X_{s,t}(x_s) - sg(X_{m,t}(X_{s,m}(x_s))), m = s + r (t - s).
 
     midpoint "uniform": r ~ U(0, 1) per row from `generator` (PSD-U); "half": r = 1/2 (PSD-M); or a [B] tensor of
@@ -165,18 +169,18 @@ def psd_loss(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tens
     _check(x_s, x_t, "student")
     with torch.no_grad():
         target = jump(jump(x_s, s, m), m, t)
-    loss = _reduce(x_t - target, norm)
-    stats = {"loss": float(loss.detach()), "gap_rms": float((x_t.detach() - target).pow(2).mean().sqrt())}
+    loss = _reduce(x_t - target, norm, per_row)
+    stats = {"loss": float(loss.detach().mean()), "gap_rms": float((x_t.detach() - target).pow(2).mean().sqrt())}
     return loss, stats
 
 
 def diagonal_loss(student: Student, teacher: Teacher, x: torch.Tensor, t: torch.Tensor, *,
-                  norm: str = "l1") -> tuple[torch.Tensor, dict]:
+                  norm: str = "l1", per_row: bool = False) -> tuple[torch.Tensor, dict]:
     """The map's boundary condition d/dt X_{s,t}|_{t=s} = u(x, s, s) = b_s(x): mean norm of u(x, t, t) - sg(b_t(x)).
     PSD needs it to learn the teacher's flow at all; LSD contains it (at t = s its residual is exactly this)."""
     t = _times(t, x)
     u = _check(x, student(x, t, t), "student")
     with torch.no_grad():
         b = _check(x, teacher(x, t), "teacher")
-    loss = _reduce(u - b, norm)
-    return loss, {"loss": float(loss.detach())}
+    loss = _reduce(u - b, norm, per_row)
+    return loss, {"loss": float(loss.detach().mean())}

@@ -85,6 +85,26 @@ class DistillSettings:
         return self
 
 
+def held_out_summary(values: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+    """The objective on a fixed held-out set of samples (each with its own time pair), from each sample's objective
+    `values` [N]. The training objective is the expectation over samples of that value, so its estimate is their
+    mean, with the standard error sd / sqrt(N). The median is reported beside it, as a different statistic (the
+    per-pair objective is heavy-tailed in the time pair): it is not what training lowers. Against `reference` (the
+    same samples' values at an earlier step) the change is a paired difference, whose standard error is that of
+    the differences: far smaller than either mean's, since a sample's objective is mostly set by its time pair."""
+    values = values.double()
+    n = values.numel()
+
+    def se(v: torch.Tensor) -> float:
+        return float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    out = {"mean": float(values.mean()), "se": se(values), "median": float(values.quantile(0.5)), "pairs": n}
+    if reference is not None:
+        change = values - reference.double()
+        out.update(change=float(change.mean()), change_se=se(change))
+    return out
+
+
 class FlowMapTrainer:
     """Distil `teacher` into the two-time student `module`.
 
@@ -173,19 +193,20 @@ class FlowMapTrainer:
             batch["r"] = torch.rand(st.batch, generator=self.generator, dtype=torch.float64).to(x1.device, x1.dtype)
         return batch
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """The objective's mean over the rows of `batch` (one micro-batch, or any slice of a drawn batch)."""
+    def loss(self, batch: dict, per_row: bool = False) -> tuple[torch.Tensor, dict]:
+        """The objective's mean over the rows of `batch` (one micro-batch, or any slice of a drawn batch); per_row:
+        each row's own objective ([B], whose mean is that)."""
         st = self.settings
         x_s, s, t = batch["x_s"], batch["s"], batch["t"]
         if st.objective == "lsd":
             return lsd_loss(self.student, self.teacher, x_s, s, t, fd_step=st.fd_step, norm=st.norm,
-                            derivative_grad=st.derivative_grad,
+                            derivative_grad=st.derivative_grad, per_row=per_row,
                             derivative_weight=derivative_warmup(self.step, st.derivative_warmup_steps))
-        diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm)
+        diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm, per_row=per_row)
         psd, stats = psd_loss(self.student, x_s, s, t, generator=self.generator, norm=st.norm,
-                              midpoint=batch["r"])
+                              midpoint=batch["r"], per_row=per_row)
         loss = diag + psd
-        return loss, {**stats, "loss": float(loss.detach()), "diagonal": float(diag.detach())}
+        return loss, {**stats, "loss": float(loss.detach().mean()), "diagonal": float(diag.detach().mean())}
 
     def train_step(self) -> dict:
         for group in self.optimizer.param_groups:
