@@ -124,7 +124,8 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
     from comfyui_fmtt.fmtt_core.flow_maps.trainer import DistillSettings
     from comfyui_fmtt.nodes.flow_map_training import Run, train, training_data, writer_for
 
-    torch.set_num_threads(1)
+    if device == "cpu":
+        torch.set_num_threads(1)  # the CPU table's setting; on a GPU the host threads feed the device
     patcher, positive = model_and_conditioning(family, scale, device)
     params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     data = training_data(None, [positive], None, size, size, patcher.model.latent_format.latent_channels, batch)
