@@ -75,16 +75,14 @@ def errors_at(report, step):
 # the held-out objective rises). FLUX: the tiny model costs ~0.1 s a step, so more steps, on the jumps the look-ahead
 # takes (noise to data; both orders lower its 1-jump error ~1% in as many steps, docs/training-comfyui.md).
 # SD3 and Z-Image: a larger batch, for longer. Their tiny models' velocity depends on time strongly, as a trained
-# model's does (tiny_unets.smooth_in_time), so the denoiser look-ahead is far from the ODE's end point.
+# model's does (tiny_unets.smooth_in_time), so the denoiser look-ahead is far from the ODE's end point, and their
+# held-out objective falls slowly: measured on the 64 held-out samples (bench/bench_train_proof.py), SD3's mean changes
+# -0.053 +- 0.021 in 60 steps and -0.100 +- 0.024 in 100; Z-Image's 0.000 +- 0.020 in 50, -0.124 +- 0.054 in 200,
+# -0.204 +- 0.061 in 300 (docs/training-comfyui.md).
 PROOF_SETTINGS = {"sd15": {"steps": 30, "learning_rate": 3e-4}, "sdxl": {"steps": 30, "learning_rate": 3e-4},
                   "flux": {"steps": 100, "learning_rate": 1e-3, "batch_size": 4, "time_pairs": "noise to data"},
-                  "sd35": {"steps": 60, "learning_rate": 1e-3, "batch_size": 4},
-                  "zimage": {"steps": 60, "learning_rate": 1e-3, "batch_size": 4}}
-# On SD3 and Z-Image the held-out objective (the median pair's LSD residual) does not fall in affordable CPU steps,
-# while the look-ahead error does: the LoRA, shared by every pair, gains on long jumps and loses on near-diagonal pairs,
-# where the untrained two-time model is already the teacher (docs/training-comfyui.md). Only the look-ahead error is
-# asserted for them.
-HELD_OUT_OBJECTIVE_FALLS = ("sd15", "sdxl", "flux")
+                  "sd35": {"steps": 120, "learning_rate": 1e-3, "batch_size": 4},
+                  "zimage": {"steps": 300, "learning_rate": 1e-3, "batch_size": 4}}
 
 
 @pytest.mark.parametrize("family", list(PROOF_SETTINGS))
@@ -96,13 +94,18 @@ def test_training_lowers_the_loss_and_the_lookahead_error(families, family):  # 
     print(family, json.dumps({k: report[k] for k in ("eval_loss", "lookahead_error")}))  # the figures the docs quote
     losses = report["losses"]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
-    if family in HELD_OUT_OBJECTIVE_FALLS:
-        # the objective on fixed held-out pairs, median over them (the per-step loss is heavy-tailed in the time pair)
-        assert report["eval_loss"][f"step {steps}"] < report["eval_loss"]["step 0"], report["eval_loss"]
-    before, after = errors_at(report, 0), errors_at(report, steps)
+    # The training objective, E over samples and time pairs of the L1 LSD residual, estimated on one fixed held-out
+    # batch of 64 samples at step 0 and at the end: the mean over those samples fell, by more than two standard
+    # errors of the paired change (a one-sided ~98% bound: the same samples, so the spread between time pairs cancels).
+    before, after = report["eval_loss"]["step 0"], report["eval_loss"][f"step {steps}"]
+    assert after["pairs"] == 64 and after["change_from_step"] == 0, after
+    assert after["change"] == pytest.approx(after["mean"] - before["mean"], rel=1e-6, abs=1e-9)
+    assert after["change"] + 2 * after["change_se"] < 0, (before, after)
+    errors_before, errors_after = errors_at(report, 0), errors_at(report, steps)
     # the trained map's 1-jump end point is closer to the teacher's 64-step ODE end point (held-out noise) than the
     # untrained map's and the denoiser look-ahead's
-    assert after["1 jump"] < before["1 jump"] and after["1 jump"] < before["denoiser"], report["lookahead_error"]
+    assert errors_after["1 jump"] < errors_before["1 jump"] and errors_after["1 jump"] < errors_before["denoiser"], \
+        report["lookahead_error"]
     assert (families.base / "models" / "fmtt_flow_maps" / f"fm_{family}.safetensors").is_file()
 
 
