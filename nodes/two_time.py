@@ -46,25 +46,33 @@ class Family:
     time_embedder: str                # the one whose input is the time
     second_input: object              # (diffusion model, original input, timestep') -> the copy's input
     targets: re.Pattern               # Linears (ComfyUI module paths) that get a LoRA
+    frequency_layer: str              # the time embedder's Linear that reads the sinusoids of the timestep
 
 
+# No LoRA on the Linear that reads the timestep's sinusoids (frequency_layer), in the model's time embedder or in its
+# copy: those sinusoids turn up to ~1 radian per timestep unit, ~1000 per unit of time, and a LoRA's random down
+# projection reads them all, whatever weight the model gives them. Measured on the tiny SD3 / Z-Image: once trained,
+# the student then varied in its target time at a scale LSD's finite difference (step 5e-3) cannot resolve (the
+# derivative at steps 5e-3 and 1.25e-3 differed by 50-95 %, the teacher's by 0.1 %), and the LSD residual it trained
+# on was noise. Without it, the two-time dependence is built from the model's own time features, as smooth as its
+# velocity (the two derivatives agree to 0.1-0.2 %). The second layer and the copy of the first keep the pair apart.
 _UNET_TARGETS = re.compile(r"(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
-                           r"|time_embed\.[02])$")
+                           r"|time_embed\.2)$")
 FAMILIES = (
     Family("SD1.5 / SDXL", ("SD15", "SD20", "SDXL"), ("time_embed",), "time_embed",
-           lambda dm, e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS),
+           lambda dm, e, ts: unet_embedding(ts, e.shape[-1]), _UNET_TARGETS, "time_embed.0"),
     Family("FLUX.1", ("Flux", "FluxSchnell"), ("time_in", "guidance_in", "vector_in"), "time_in",
            lambda dm, e, ts: flux_embedding(ts, e.shape[-1]),
            re.compile(r"((double_blocks|single_blocks)\.\d+\.(img_attn\.(qkv|proj)|txt_attn\.(qkv|proj)|img_mlp\.[02]"
-                      r"|txt_mlp\.[02]|linear1|linear2)|time_in\.(in_layer|out_layer))$")),
+                      r"|txt_mlp\.[02]|linear1|linear2)|time_in\.out_layer)$"), "time_in.in_layer"),
     Family("SD3 / SD3.5", ("SD3",), ("t_embedder",), "t_embedder", lambda dm, t, ts: ts,
            re.compile(r"(joint_blocks\.\d+\.(x_block|context_block)\.(attn\.(qkv|proj)|mlp\.fc[12])"
-                      r"|t_embedder\.mlp\.[02])$")),
+                      r"|t_embedder\.mlp\.2)$"), "t_embedder.mlp.0"),
     Family("Z-Image", ("ZImage",), ("t_embedder",), "t_embedder",
            # NextDiT embeds t_embedder((1 - timestep) x time_scale), timestep = sigma (comfy/ldm/lumina/model.py)
            lambda dm, t, ts: (1 - ts) * dm.time_scale,
            re.compile(r"((layers|noise_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
-                      r"|t_embedder\.mlp\.[02])$")),
+                      r"|t_embedder\.mlp\.2)$"), "t_embedder.mlp.0"),
 )
 SUPPORTED = "SD1.5 (eps and v), SDXL, FLUX.1 (dev / schnell), SD3 / SD3.5 and Z-Image"
 
@@ -170,7 +178,8 @@ class TwoTimeAdapter(torch.nn.Module):
             raise FMTTInputError(f"FMTT: no layers of this {family.name} model match the flow-map LoRA's targets; "
                                  "the model's layout is not the one this pack knows.")
         second = {f"{e}.{sub}": m.weight.shape for e in family.embedders if getattr(dm, e, None) is not None
-                  for sub, m in getattr(dm, e).named_modules() if isinstance(m, torch.nn.Linear)}
+                  for sub, m in getattr(dm, e).named_modules()
+                  if isinstance(m, torch.nn.Linear) and f"{e}.{sub}" != family.frequency_layer}
         with torch.inference_mode(False):
             def init(shapes):
                 return {p: (torch.randn(rank, s[1], generator=generator) / s[1] ** 0.5, torch.zeros(s[0], rank))

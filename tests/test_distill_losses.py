@@ -324,3 +324,30 @@ def test_per_row_losses_are_each_rows_own_loss(norm, p):
             want = (student(x[one], t[one], t[one]) - teacher(x[one], t[one])).abs().pow(p).mean()
             assert math.isclose(float(rows["diagonal"][i]), float(want), rel_tol=1e-10)
     assert torch.allclose(rows["lsd"].mean(), lsd_loss(student, teacher, x, s, t, norm=norm)[0].detach(), rtol=1e-12)
+
+
+def test_time_pairs_stay_in_the_models_range_uniformly():
+    """t_min (a VE model's t at sigma_max): both times uniform on [t_min, 1], never below it."""
+    n, lo = 20000, 0.064
+    s, t = sample_time_pairs(n, generator=torch.Generator().manual_seed(5), t_min=lo, dtype=torch.float64)
+    grid = torch.linspace(lo, 1, 101, dtype=torch.float64)
+    for v in (s, t):
+        assert float(v.min()) >= lo
+        cdf = (v[:, None] <= grid).double().mean(0)
+        assert (cdf - (grid - lo) / (1 - lo)).abs().max() < _ks_bound(n)
+    with pytest.raises(FMTTInputError, match="t_min"):
+        sample_time_pairs(4, generator=torch.Generator(), t_min=1.0)
+
+
+def test_finite_difference_is_one_sided_at_the_models_first_time():
+    """At t = t_min the central difference would ask for a time the model does not have: it uses [t_min, t_min + h]."""
+    student, teacher = TinyStudent(), TinyTeacher()
+    x, s, _ = _inputs(4)
+    lo, h = 0.064, 1e-2
+    t = torch.full((4,), lo, dtype=torch.float64)
+    loss, _ = lsd_loss(student, teacher, x, s, t, fd_step=h, t_min=lo)
+    with torch.no_grad():
+        u = student(x, s, t)
+        du = (student(x, s, t + h) - u) / h
+        v = teacher(x + (t - s)[:, None] * u, t)
+    assert torch.allclose(loss, (u + (t - s)[:, None] * du - v).abs().mean(), rtol=1e-12)

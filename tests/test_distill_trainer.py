@@ -226,3 +226,21 @@ def test_held_out_summary_is_the_mean_with_its_standard_error_and_the_paired_cha
     assert out["change"] == pytest.approx(c_mean) and out["change_se"] == pytest.approx(c_sd / n ** 0.5)
     assert out["change_se"] < out["se"] / 10  # paired: the spread between samples cancels
     assert "change" not in held_out_summary(before)
+
+
+def test_a_state_saved_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """A state whose header lacks a setting added since (t_min) was saved with that setting's default: it resumes
+    where the default is kept and is refused where it is not."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    FlowMapTrainer(Student(), teacher, data, settings(steps=2), out_dir=tmp_path).run()
+    path = tmp_path / "state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["fmtt.trainer_state"])
+    del header["settings"]["t_min"]
+    save_file(load_file(str(path)), str(path), {"fmtt.trainer_state": json.dumps(header)})
+    resumed = FlowMapTrainer(Student(), teacher, data, settings(steps=3))
+    resumed.resume(tmp_path)
+    assert resumed.step == 2
+    with pytest.raises(FMTTInputError, match=r"other settings \(t_min=0.0\)"):
+        FlowMapTrainer(Student(), teacher, data, settings(t_min=0.1)).resume(tmp_path)

@@ -44,24 +44,31 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def sample_time_pairs(n: int, *, generator: torch.Generator, min_gap: float = 0.0, shift: float = 1.0,
-                      both_directions: bool = True, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t), each [n]: independent uniform times (FMRG's draw), shifted by the model's `shift`, with
-    |t - s| >= min_gap (pairs closer than that are redrawn, so the accepted pairs keep the joint law restricted
-    to the allowed region). both_directions=False orders each pair s <= t (the noise-to-data jumps FMTT uses);
-    True keeps both orders, as FMRG does. Draws on the CPU from `generator`, so a run is reproducible across
-    devices."""
+                      both_directions: bool = True, t_min: float = 0.0, device=None,
+                      dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, t), each [n]: independent uniform times (FMRG's draw) on the model's time range [t_min, 1], shifted by
+    the model's `shift`, with |t - s| >= min_gap (pairs closer than that are redrawn, so the accepted pairs keep the
+    joint law restricted to the allowed region). both_directions=False orders each pair s <= t (the noise-to-data
+    jumps FMTT uses); True keeps both orders, as FMRG does. t_min: the earliest time the model is defined at (a
+    model whose noise stops at sigma_max starts at t = 1 / (1 + sigma_max) on the VE clock; flow models at 0).
+    Draws on the CPU from `generator`, so a run is reproducible across devices."""
     if not 0.0 <= min_gap < 0.9:
         raise FMTTInputError(f"min_gap must be in [0, 0.9), got {min_gap}: larger gaps leave almost no pairs.")
+    if not 0.0 <= t_min < 1.0 - min_gap:
+        raise FMTTInputError(f"t_min must be in [0, 1 - min_gap), got {t_min} (min_gap {min_gap}).")
     if int(n) != n or n < 1:
         raise FMTTInputError(f"the number of time pairs must be an integer >= 1, got {n!r}.")
     n = int(n)
-    s = shift_time(torch.rand(n, generator=generator, dtype=torch.float64), shift)
-    t = shift_time(torch.rand(n, generator=generator, dtype=torch.float64), shift)
+
+    def draw(k: int) -> torch.Tensor:
+        return t_min + (1 - t_min) * shift_time(torch.rand(k, generator=generator, dtype=torch.float64), shift)
+
+    s, t = draw(n), draw(n)
     bad = (t - s).abs() < min_gap
     while bad.any():
         k = int(bad.sum())
-        s[bad] = shift_time(torch.rand(k, generator=generator, dtype=torch.float64), shift)
-        t[bad] = shift_time(torch.rand(k, generator=generator, dtype=torch.float64), shift)
+        s[bad] = draw(k)
+        t[bad] = draw(k)
         bad = (t - s).abs() < min_gap
     if not both_directions:
         s, t = torch.minimum(s, t), torch.maximum(s, t)
@@ -111,20 +118,20 @@ def _check(x: torch.Tensor, out: torch.Tensor, who: str) -> torch.Tensor:
 
 
 def time_derivative(student: Student, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
-                    fd_step: float, *, grad: bool = False) -> torch.Tensor:
-    """d/dt u(x_s, s, t) by a central finite difference; one-sided where t +- fd_step leaves [0, 1] (the
+                    fd_step: float, *, grad: bool = False, t_min: float = 0.0) -> torch.Tensor:
+    """d/dt u(x_s, s, t) by a central finite difference; one-sided where t +- fd_step leaves [t_min, 1] (the
     difference is taken over the clipped interval, so it stays a first-order estimate there). Without
     gradients unless `grad`."""
     if not 0.0 < fd_step < 0.5:
         raise FMTTInputError(f"fd_step must be in (0, 0.5), got {fd_step}; FMRG uses 5e-3.")
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        t_hi, t_lo = (t + fd_step).clamp(max=1.0), (t - fd_step).clamp(min=0.0)
+        t_hi, t_lo = (t + fd_step).clamp(max=1.0), (t - fd_step).clamp(min=t_min)
         return (student(x_s, s, t_hi) - student(x_s, s, t_lo)) / _bcast(t_hi - t_lo, x_s)
 
 
 def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, *,
              fd_step: float = 5e-3, derivative_weight: float = 1.0, norm: str = "l1",
-             derivative_grad: bool = False, per_row: bool = False) -> tuple[torch.Tensor, dict]:
+             derivative_grad: bool = False, per_row: bool = False, t_min: float = 0.0) -> tuple[torch.Tensor, dict]:
     """LSD: mean norm of u + w (t - s) sg(d/dt u) - sg(b_t(X_{s,t}(x_s))), the Lagrangian residual of the map.
 
     derivative_grad=False (FMRG's recipe): gradients through u only; the d/dt term is a fixed target.
@@ -133,10 +140,11 @@ def lsd_loss(student: Student, teacher: Teacher, x_s: torch.Tensor, s: torch.Ten
     fixed-point iteration u <- b - (t - s) d/dt u, which can amplify components of u that vary fast in t (a
     network with high-frequency time features); the full gradient descends the residual and does not.
 
+    t_min: the model's earliest time (the finite difference stays inside [t_min, 1]).
     Returns (loss, stats of floats); per_row: the loss of each row ([B]) instead of their mean."""
     s, t = _times(s, x_s), _times(t, x_s)
     u = _check(x_s, student(x_s, s, t), "student")
-    du_dt = time_derivative(student, x_s, s, t, fd_step, grad=derivative_grad)
+    du_dt = time_derivative(student, x_s, s, t, fd_step, grad=derivative_grad, t_min=t_min)
     gap = _bcast(t - s, x_s)
     with torch.no_grad():
         x_t = x_s + gap * u.detach()

@@ -62,6 +62,7 @@ class DistillSettings:
     ema_decay: float = 0.0            # EMA of the weights handed out; 0 = off (the raw weights)
     min_gap: float = 0.0
     shift: float = 1.0
+    t_min: float = 0.0                # the model's earliest time: pairs are drawn in [t_min, 1] (sample_time_pairs)
     both_directions: bool = True
     fd_step: float = 5e-3
     derivative_grad: bool = False     # LSD: gradients through the finite difference too (see lsd_loss)
@@ -186,7 +187,8 @@ class FlowMapTrainer:
         x1 = self.data(st.batch, self.generator)
         x0 = torch.randn(x1.shape, generator=self.generator, dtype=x1.dtype).to(x1.device)
         s, t = sample_time_pairs(st.batch, generator=self.generator, min_gap=st.min_gap, shift=st.shift,
-                                 both_directions=st.both_directions, device=x1.device, dtype=x1.dtype)
+                                 both_directions=st.both_directions, t_min=st.t_min, device=x1.device,
+                                 dtype=x1.dtype)
         batch = {"x_s": (1 - s).view(-1, *[1] * (x1.ndim - 1)) * x0 + s.view(-1, *[1] * (x1.ndim - 1)) * x1,
                  "s": s, "t": t}
         if st.objective == "psd":
@@ -200,7 +202,7 @@ class FlowMapTrainer:
         x_s, s, t = batch["x_s"], batch["s"], batch["t"]
         if st.objective == "lsd":
             return lsd_loss(self.student, self.teacher, x_s, s, t, fd_step=st.fd_step, norm=st.norm,
-                            derivative_grad=st.derivative_grad, per_row=per_row,
+                            derivative_grad=st.derivative_grad, per_row=per_row, t_min=st.t_min,
                             derivative_weight=derivative_warmup(self.step, st.derivative_warmup_steps))
         diag, _ = diagonal_loss(self.student, self.teacher, x_s, s, norm=st.norm, per_row=per_row)
         psd, stats = psd_loss(self.student, x_s, s, t, generator=self.generator, norm=st.norm,
@@ -332,10 +334,11 @@ class FlowMapTrainer:
             raise FMTTInputError(f"{path} was saved while distilling {header.get('identity')}, not {self.identity}; "
                                  "resume with the same model, or start a new run.")
         saved = header["settings"]
+        defaults = dataclasses.asdict(DistillSettings())  # a setting added since the state was saved: its default
         changed = [k for k, v in dataclasses.asdict(self.settings).items()
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+                   if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v]
         if changed:
-            saved_values = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            saved_values = ", ".join(f"{k}={saved.get(k, defaults[k])!r}" for k in changed)
             raise FMTTInputError(f"{path} was saved with other settings ({saved_values}); "
                                  f"a resumed run may change only {', '.join(RESUMABLE_CHANGES)}. Use the saved "
                                  "values or start a new run.")

@@ -71,20 +71,22 @@ def errors_at(report, step):
     return report["lookahead_error"][f"step {step}"]
 
 
-# SD: 3e-4, since the LoRA inside the blocks trains too (3e-3, set when block recompute left it untrained, overshoots:
-# the held-out objective rises). FLUX: the tiny model costs ~0.1 s a step, so more steps, on the jumps the look-ahead
-# takes (noise to data; both orders lower its 1-jump error ~1% in as many steps, docs/training-comfyui.md).
-# SD3 and Z-Image: a larger batch, for longer. Their tiny models' velocity depends on time strongly, as a trained
-# model's does (tiny_unets.smooth_in_time), so the denoiser look-ahead is far from the ODE's end point.
-PROOF_SETTINGS = {"sd15": {"steps": 30, "learning_rate": 3e-4}, "sdxl": {"steps": 30, "learning_rate": 3e-4},
+# SD: 3e-4, since the LoRA inside the blocks trains too (3e-3, set when block recompute left it untrained, overshoots).
+# FLUX: the tiny model costs ~0.1 s a step, so more steps. FLUX and SD on the jumps the look-ahead takes (noise to
+# data; with both orders FLUX's 1-jump error falls ~1% in as many steps, and the SD maps' objective on the data-to-noise
+# pairs rises while it falls on the others, docs/training-comfyui.md). SD3 and Z-Image: a larger batch, for longer.
+# Their tiny models' velocity depends on time strongly, as a trained model's does (tiny_unets.smooth_in_time), so the
+# denoiser look-ahead is far from the ODE's end point and the objective falls slowly (bench/bench_train_proof.py).
+PROOF_SETTINGS = {"sd15": {"steps": 30, "learning_rate": 3e-4, "time_pairs": "noise to data"},
+                  "sdxl": {"steps": 30, "learning_rate": 3e-4, "time_pairs": "noise to data"},
                   "flux": {"steps": 100, "learning_rate": 1e-3, "batch_size": 4, "time_pairs": "noise to data"},
-                  "sd35": {"steps": 60, "learning_rate": 1e-3, "batch_size": 4},
-                  "zimage": {"steps": 60, "learning_rate": 1e-3, "batch_size": 4}}
-# On SD3 and Z-Image the held-out objective (the median pair's LSD residual) does not fall in affordable CPU steps,
-# while the look-ahead error does: the LoRA, shared by every pair, gains on long jumps and loses on near-diagonal pairs,
-# where the untrained two-time model is already the teacher (docs/training-comfyui.md). Only the look-ahead error is
-# asserted for them.
-HELD_OUT_OBJECTIVE_FALLS = ("sd15", "sdxl", "flux")
+                  "sd35": {"steps": 120, "learning_rate": 1e-3, "batch_size": 4},
+                  "zimage": {"steps": 300, "learning_rate": 1e-3, "batch_size": 4}}
+# The tiny SD1.5 / SDXL teachers are nearly straight (the denoiser look-ahead is 0.0019 / 0.0002 from the 64-step end
+# point, FLUX's 0.17): their objective is ~1e-4 / 5e-5 and 30 affordable steps move it by less than its standard
+# error (measured: SD1.5 -1.1e-5 +- 1.1e-5, SDXL +4e-7 +- 5e-7). For them the test asserts that it did not rise
+# beyond two standard errors; for the others that it fell by more than two.
+HELD_OUT_OBJECTIVE_FALLS = ("flux", "sd35", "zimage")
 
 
 @pytest.mark.parametrize("family", list(PROOF_SETTINGS))
@@ -96,13 +98,21 @@ def test_training_lowers_the_loss_and_the_lookahead_error(families, family):  # 
     print(family, json.dumps({k: report[k] for k in ("eval_loss", "lookahead_error")}))  # the figures the docs quote
     losses = report["losses"]
     assert len(losses) == steps and all(math.isfinite(v) for v in losses)
+    # The training objective, E over samples and time pairs of the L1 LSD residual, estimated on one fixed held-out
+    # batch of 64 samples at step 0 and at the end; its change is the paired difference over the same samples (the
+    # spread between time pairs cancels), with its standard error: a bound of two is one-sided ~98%.
+    before, after = report["eval_loss"]["step 0"], report["eval_loss"][f"step {steps}"]
+    assert after["pairs"] == 64 and after["change_from_step"] == 0, after
+    assert after["change"] == pytest.approx(after["mean"] - before["mean"], rel=1e-6, abs=1e-9)
     if family in HELD_OUT_OBJECTIVE_FALLS:
-        # the objective on fixed held-out pairs, median over them (the per-step loss is heavy-tailed in the time pair)
-        assert report["eval_loss"][f"step {steps}"] < report["eval_loss"]["step 0"], report["eval_loss"]
-    before, after = errors_at(report, 0), errors_at(report, steps)
+        assert after["change"] + 2 * after["change_se"] < 0, (before, after)
+    else:
+        assert after["change"] - 2 * after["change_se"] < 0, (before, after)
+    errors_before, errors_after = errors_at(report, 0), errors_at(report, steps)
     # the trained map's 1-jump end point is closer to the teacher's 64-step ODE end point (held-out noise) than the
     # untrained map's and the denoiser look-ahead's
-    assert after["1 jump"] < before["1 jump"] and after["1 jump"] < before["denoiser"], report["lookahead_error"]
+    assert errors_after["1 jump"] < errors_before["1 jump"] and errors_after["1 jump"] < errors_before["denoiser"], \
+        report["lookahead_error"]
     assert (families.base / "models" / "fmtt_flow_maps" / f"fm_{family}.safetensors").is_file()
 
 
@@ -113,7 +123,11 @@ def test_block_recompute_trains_the_lora_inside_the_blocks(families):  # noqa: F
     losses = {blocks: report_of(ok(families.run(training_prompt(f"fm_flux_blocks_{blocks}", "flux", steps=4,
                                                                 block_checkpointing=blocks), timeout=600)))["losses"]
               for blocks in (True, False)}
-    assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-7), losses
+    # Float rounding differs between a recomputed and a stored block, and LSD's finite difference (step 5e-3) amplifies
+    # it ~200x in the residual: without a LoRA on the time embedder's first Linear the curves were measured to agree to
+    # 3.3e-5 relative at step 3 (1.6e-6 at step 2), the accumulation test's bound below. A LoRA left untrained inside
+    # the blocks (the bug this test was written for) takes every step after the first on a different path.
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6), losses
 
 
 @pytest.mark.parametrize("family", ["sd15", "sd35", "zimage"])
