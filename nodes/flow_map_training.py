@@ -193,6 +193,7 @@ class Run:
     ode_steps: int = 16         # data-free: the teacher's steps per generated sample
     eval_steps: int = 64        # the teacher's ODE the look-ahead error is measured against
     eval_samples: int = 2
+    eval_pairs: int = EVAL_BATCH  # held-out samples of the objective: 4 x this many forwards per evaluation
     writer: object = None       # (adapter, base, metadata) -> writes the flow map file
     on_eval: object = None      # (step, eval_loss entry, lookahead_error entry) after each evaluation (progress)
 
@@ -332,7 +333,7 @@ def _train(guided: GuidedModel, adapter: TwoTimeAdapter, base, run: Run, report:
 
     # The objective is also tracked on one fixed held-out batch, drawn as a run of another seed would draw its first.
     eval_batch = FlowMapTrainer(adapter, guided.teacher, draw, dataclasses.replace(
-        run.settings, seed=run.settings.seed + 15485863, batch=EVAL_BATCH, accumulate=1)).draw_batch()
+        run.settings, seed=run.settings.seed + 15485863, batch=run.eval_pairs, accumulate=1)).draw_batch()
     eval_rows = guided.rows
     first = {}  # the run's first evaluation (step, each held-out sample's objective): the paired reference
 
