@@ -38,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-FAMILIES = ("sd35", "zimage")
+FAMILIES = ("sd35", "zimage", "sd15", "sdxl")
+SD_UNET_SEEDS = {"sd15": 11, "sdxl": 12}  # tests/integration/tiny_unets.py main: tiny_sd15 / tiny_sdxl.safetensors
 COND_SEED = 1  # the integration test's FMTTTestSDConditioning(seed=1, tokens=4)
 
 
@@ -51,7 +52,14 @@ def load(family: str, device: str):
     import tiny_unets
     import torch
     g = torch.Generator().manual_seed(COND_SEED)
-    if family == "sd35":  # UNETLoader's path (detected as SD3)
+    if family in SD_UNET_SEEDS:  # CheckpointLoaderSimple's path; the test's file stores SDXL in float16
+        sd = tiny_unets.unet(family, SD_UNET_SEEDS[family]).state_dict()
+        sd = {f"model.diffusion_model.{k}": (v.half() if family == "sdxl" else v) for k, v in sd.items()}
+        patcher = comfy.sd.load_state_dict_guess_config(sd, output_vae=False, output_clip=False)[0]
+        # FMTTTestSDConditioning(seed 1, tokens 4, context 768 / 2048, pooled 0 / 1280): pooled drawn first
+        pooled = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+        positive = [[torch.randn(1, 4, 2048 if family == "sdxl" else 768, generator=g), pooled]]
+    elif family == "sd35":  # UNETLoader's path (detected as SD3)
         patcher = comfy.sd.load_diffusion_model_state_dict(tiny_unets.mmdit(14).state_dict(),
                                                            model_options={"dtype": torch.float32})
         positive = [[torch.randn(1, 4, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
@@ -68,7 +76,7 @@ def load(family: str, device: str):
 
 
 def worker(family: str, steps: int, every: int, seconds: float, lr: float, batch: int, rank: int,
-           device: str) -> dict:
+           device: str, both_orders: bool = True, seed: int = 0) -> dict:
     from comfy_worker import enter_comfyui
     enter_comfyui(device)
     import comfy.model_management
@@ -82,16 +90,16 @@ def worker(family: str, steps: int, every: int, seconds: float, lr: float, batch
     patcher, positive = load(family, device)
     data = training_data(None, [positive], None, 64, 64, patcher.model.latent_format.latent_channels, 4)
     out = Path(tempfile.mkdtemp())
-    settings = DistillSettings(objective="lsd", steps=steps, batch=batch, lr=lr, seed=0, save_every=0,
-                               preview_every=every, log_every=1)
+    settings = DistillSettings(objective="lsd", steps=steps, batch=batch, lr=lr, seed=seed, save_every=0,
+                               preview_every=every, log_every=1, both_directions=both_orders)
     rows, started = [], time.perf_counter()
 
     def on_eval(step, objective, errors):
         rows.append({"step": step, "seconds": time.perf_counter() - started, "objective": objective,
                      "lookahead_error": errors})
-        change = (f", change {objective['change']:+.4f} +- {objective['change_se']:.4f}" if step else "")
+        change = (f", change {objective['change']:+.3e} +- {objective['change_se']:.2e}" if step else "")
         print(f"  {family} step {step:5d} ({rows[-1]['seconds']:6.1f} s): held-out objective mean "
-              f"{objective['mean']:.4f} +- {objective['se']:.4f}{change}, median {objective['median']:.4f}; "
+              f"{objective['mean']:.4g} +- {objective['se']:.2g}{change}, median {objective['median']:.4g}; "
               + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()), file=sys.stderr, flush=True)
 
     run = Run(settings, rank, 1.0, data, str(out / "map.safetensors"), str(out), None, on_eval=on_eval)
@@ -110,7 +118,8 @@ def worker(family: str, steps: int, every: int, seconds: float, lr: float, batch
         timer.cancel()
         comfy.model_management.interrupt_current_processing(False)
     return {"family": family, "device": device, "steps": steps, "every": every, "lr": lr, "batch": batch,
-            "rank": rank, "eval_pairs": EVAL_BATCH, "stopped": stopped, "seconds_per_step": seconds_per_step,
+            "rank": rank, "both_orders": both_orders, "seed": seed, "eval_pairs": EVAL_BATCH,
+            "stopped": stopped, "seconds_per_step": seconds_per_step,
             "rows": rows}
 
 
@@ -118,7 +127,9 @@ def markdown(results: list[dict], environment: str) -> str:
     r0 = results[0]
     lines = ["# FMTT Train Flow Map on the tiny SD3 / Z-Image models: held-out objective and look-ahead error", "",
              f"{environment}. The node's code path; data-free (4 teacher samples, 64 x 64 px), LSD, rank "
-             f"{r0['rank']}, batch {r0['batch']}, lr {r0['lr']}, both orders of the time pair, seed 0. Held-out "
+             f"{r0['rank']}, batch {r0['batch']}, lr {r0['lr']}, "
+             f"{'both orders of the time pair' if r0.get('both_orders', True) else 'noise-to-data time pairs'}, "
+             f"seed {r0.get('seed', 0)}. Held-out "
              f"objective: the L1 LSD residual on {r0['eval_pairs']} fixed held-out samples (own time pair each): "
              "mean +- standard error, the paired change from step 0 +- its standard error, and the median. "
              "Look-ahead: RMS to the teacher's 64-step ODE end point from 2 held-out noises.", ""]
@@ -129,9 +140,9 @@ def markdown(results: list[dict], environment: str) -> str:
                   "4 jumps |", "|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             o, e = row["objective"], row["lookahead_error"]
-            change = f"{o['change']:+.4f} +- {o['change_se']:.4f}" if row["step"] else "-"
-            lines.append(f"| {row['step']} | {row['seconds']:.0f} | {o['mean']:.4f} +- {o['se']:.4f} | {change} | "
-                         f"{o['median']:.4f} | {e['denoiser']:.4f} | {e['1 jump']:.4f} | {e['2 jump']:.4f} | "
+            change = f"{o['change']:+.3e} +- {o['change_se']:.2e}" if row["step"] else "-"
+            lines.append(f"| {row['step']} | {row['seconds']:.0f} | {o['mean']:.4g} +- {o['se']:.2g} | {change} | "
+                         f"{o['median']:.4g} | {e['denoiser']:.4f} | {e['1 jump']:.4f} | {e['2 jump']:.4f} | "
                          f"{e['4 jump']:.4f} |")
         lines.append("")
     return "\n".join(lines)
@@ -139,8 +150,8 @@ def markdown(results: list[dict], environment: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", nargs=8, metavar=("FAMILY", "STEPS", "EVERY", "SECONDS", "LR", "BATCH", "RANK",
-                                                      "DEVICE"))
+    parser.add_argument("--worker", nargs=10, metavar=("FAMILY", "STEPS", "EVERY", "SECONDS", "LR", "BATCH", "RANK",
+                                                       "DEVICE", "BOTH_ORDERS", "SEED"))
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=50, help="steps between evaluations")
@@ -150,19 +161,24 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--noise-to-data", action="store_true", help="the node's time_pairs 'noise to data' (s > t)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (the held-out samples' seed follows it: seed + 15485863)")
+    parser.add_argument("--out", default="train_proof", help="results file stem under bench/results")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     if "COMFYUI_PATH" not in os.environ:
         parser.error("set COMFYUI_PATH to a ComfyUI checkout and run with its python")
     if args.worker:
-        family, steps, every, seconds, lr, batch, rank, device = args.worker
+        family, steps, every, seconds, lr, batch, rank, device, both, seed = args.worker
         print(json.dumps(worker(family, int(steps), int(every), float(seconds), float(lr), int(batch), int(rank),
-                                device)))
+                                device, both == "1", int(seed))))
         return 0
     results = []
     for family in args.families:
         cmd = [sys.executable, __file__, "--worker", family, str(args.steps), str(args.every), str(args.seconds),
-               str(args.lr), str(args.batch), str(args.rank), args.device]
+               str(args.lr), str(args.batch), str(args.rank), args.device,
+               "0" if args.noise_to_data else "1", str(args.seed)]
         print(f"{family}: {args.steps} steps, evaluated every {args.every}, budget {args.seconds:.0f} s", flush=True)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if done.returncode:
@@ -179,8 +195,8 @@ def main(argv=None) -> int:
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
         suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
-        (RESULTS / f"train_proof{suffix}.md").write_text(text)
-        (RESULTS / f"train_proof{suffix}.json").write_text(json.dumps({"environment": environment,
+        (RESULTS / f"{args.out}{suffix}.md").write_text(text)
+        (RESULTS / f"{args.out}{suffix}.json").write_text(json.dumps({"environment": environment,
                                                                        "results": results}, indent=2) + "\n")
     return 0
 
