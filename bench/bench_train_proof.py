@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def worker(family: str, steps: int, every: int, seconds: float, lr: float, batch
     import comfy.model_management
     import torch
     from comfyui_fmtt.fmtt_core.flow_maps.trainer import DistillSettings
-    from comfyui_fmtt.nodes.flow_map_training import EVAL_BATCH, Run, train, training_data
+    from comfyui_fmtt.nodes.flow_map_training import Run, train, training_data
 
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -112,14 +113,14 @@ def worker(family: str, steps: int, every: int, seconds: float, lr: float, batch
     try:
         with torch.inference_mode(False):
             report = train(patcher, run)
-        seconds_per_step = sorted(report.seconds_per_step)[len(report.seconds_per_step) // 2]
+        seconds_per_step = statistics.median(report.seconds_per_step)
     except comfy.model_management.InterruptProcessingException:
         stopped, seconds_per_step = "time budget", None
     finally:
         timer.cancel()
         comfy.model_management.interrupt_current_processing(False)
     return {"family": family, "device": device, "steps": steps, "every": every, "lr": lr, "batch": batch,
-            "rank": rank, "both_orders": both_orders, "seed": seed, "eval_pairs": EVAL_BATCH,
+            "rank": rank, "both_orders": both_orders, "seed": seed, "eval_pairs": run.eval_pairs,
             "stopped": stopped, "seconds_per_step": seconds_per_step,
             "rows": rows}
 
