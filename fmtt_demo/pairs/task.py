@@ -12,7 +12,7 @@ import torch
 
 from fmtt_core import time_grid
 
-from ..methods import METHODS, MethodRun, Setup, handed_on, make_x_init, matched_particles, network_passes
+from ..methods import METHODS, MethodRun, Setup, expectation, handed_on, make_x_init, matched_particles, network_passes
 from .constraints import PairConstraintReward, judge_calls, judge_success
 from .data import CANVAS_SHAPE
 from .models import PairModels, load_pair_models
@@ -31,7 +31,6 @@ def evaluate_pairs(method, result, models: PairModels, reward: PairConstraintRew
     """Judge success, the reward classifier's success on the same samples (far above the judge means
     adversarial pixels), judge confidence, mean reward: expectations over the handed-on samples."""
     idx, prob = handed_on(method, result, n_out)
-    prob = prob / prob.sum()
     x = result.samples[idx]
     left, right = x[..., :8], x[..., 8:]
     confidence = models.judge(left).softmax(1).amax(1) * models.judge(right).softmax(1).amax(1)
@@ -39,9 +38,9 @@ def evaluate_pairs(method, result, models: PairModels, reward: PairConstraintRew
     finite = torch.isfinite(reward_values)
     calls = judge_calls(models.judge, x)
     return {
-        "judge_accuracy": float((prob * judge_success(models.judge, reward.table, x)).sum()),
-        "reward_classifier_accuracy": float((prob * judge_success(models.classifier, reward.table, x)).sum()),
-        "judge_confidence": float((prob * confidence.double()).sum()),
+        "judge_accuracy": expectation(prob, judge_success(models.judge, reward.table, x)),
+        "reward_classifier_accuracy": expectation(prob, judge_success(models.classifier, reward.table, x)),
+        "judge_confidence": expectation(prob, confidence.double()),
         "mean_reward": float((prob[finite] * reward_values[finite]).sum() / prob[finite].sum())
         if finite.any() else float("nan"),
         "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
