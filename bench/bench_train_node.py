@@ -125,7 +125,7 @@ def worker(family: str, batch: int, accumulate: int, size: int, steps: int, warm
     from comfyui_fmtt.nodes.flow_map_training import Run, train, training_data, writer_for
 
     if device == "cpu":
-        torch.set_num_threads(1)  # the CPU table's setting; on a GPU the host threads feed the device
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # --threads; on a GPU the host threads feed it
     patcher, positive = model_and_conditioning(family, scale, device)
     params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     data = training_data(None, [positive], None, size, size, patcher.model.latent_format.latent_channels, batch)
@@ -192,11 +192,12 @@ def main(argv=None) -> int:
                              "family's own (SD1.5 512, SDXL and FLUX 1024)")
     parser.add_argument("--scale", choices=("tiny", "full"), default="tiny",
                         help="tiny: the integration suite's models; full: the released architectures with random "
-                             "weights (needs a GPU)")
+                             "weights (a GPU; on the CPU SD1.5 fits in 24 GB, slowly)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per run (the CPU table's: 1)")
     parser.add_argument("--quick", action="store_true", help="sd15, 1x1 and 2x2, 2 steps; prints only")
     args = parser.parse_args(argv)
     if "COMFYUI_PATH" not in os.environ:
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
                    str(args.warmup), str(args.rank), args.device, args.scale]
             # A fixed mmap threshold: glibc then maps every tensor above 64 kB on its own and unmaps it when freed, so
             # the resident set follows the live tensors instead of the heap's high-water mark from earlier phases.
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode:  # the other rows still run: one device session measures as much as it can
                 failed.append(f"{family} {config}")
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
 
     import torch
     where = (f"{args.device} ({torch.cuda.get_device_name()})" if args.device.startswith("cuda")
-             else f"CPU ({platform.machine()}), 1 thread")
+             else f"CPU ({platform.machine()}), {args.threads} thread{'s' * (args.threads > 1)}")
     env = f"{where}, torch {torch.__version__}"
     if not rows:
         sys.exit(f"every run failed: {', '.join(failed)}")
