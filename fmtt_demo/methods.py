@@ -190,7 +190,7 @@ def evaluate(method: Method, result: FMTTResult, models, n_out: int, target_clas
     out = {
         "judge_confidence": expectation(prob, judge_probs.max(1).values),
         "judge_histogram": [expectation(prob, judge_probs.argmax(1) == c) for c in range(10)],
-        "mean_reward": float((prob[finite] * reward[finite]).sum() / prob[finite].sum()) if finite.any() else float("nan"),  # noqa: E501
+        "mean_reward": expectation(prob[finite], reward[finite]) if finite.any() else float("nan"),
         "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
         "resamples": result.n_resamples,
     }

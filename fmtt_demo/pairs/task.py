@@ -41,8 +41,7 @@ def evaluate_pairs(method, result, models: PairModels, reward: PairConstraintRew
         "judge_accuracy": expectation(prob, judge_success(models.judge, reward.table, x)),
         "reward_classifier_accuracy": expectation(prob, judge_success(models.classifier, reward.table, x)),
         "judge_confidence": expectation(prob, confidence.double()),
-        "mean_reward": float((prob[finite] * reward_values[finite]).sum() / prob[finite].sum())
-        if finite.any() else float("nan"),
+        "mean_reward": expectation(prob[finite], reward_values[finite]) if finite.any() else float("nan"),
         "final_ess": result.ess / result.samples.shape[0] if method.hands_on == "weights" else None,
         "resamples": result.n_resamples,
         "judge_pairs": [[int(a), int(b)] for a, b in calls[:8]],
